@@ -1,0 +1,3 @@
+from syncbit.cli.main import main
+
+main()

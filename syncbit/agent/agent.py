@@ -1,0 +1,352 @@
+"""The agent: one trio process holding the mount, the cache, the fetcher,
+the prefetcher and the local API, under one root nursery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import time
+
+import pyfuse3
+import trio
+
+from ..cache import BlockCache
+from ..config import AgentConfig, DatasetSpec
+from ..errors import (
+    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError,
+)
+from ..fetch import Fetcher
+from ..fs.fuse import SyncbitFS, fuse_options
+from ..fs.vfs import ROOT_INODE, Vfs
+from ..model import Snapshot, block_count, block_span
+from ..sources import Source, open_source
+from .datasets import FAILED, PENDING, READY, SYNCING, DatasetState
+from .mountpoint import cleanup_stale_mount, raise_kernel_readahead
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PREFETCH_RUN_BLOCKS = 16
+
+
+def check_dataset_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ConfigError(
+            f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-' (at most 128, "
+            f"starting with a letter or digit)"
+        )
+    return name
+
+
+def default_name(uri: str) -> str:
+    tail = uri.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-.") or "dataset"
+    return tail[:128]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.cache = BlockCache(
+            config.cache_path, quota=config.cache_quota,
+            high_watermark=config.cache_high_watermark, low_watermark=config.cache_low_watermark,
+            min_free_disk=config.min_free_disk,
+        )
+        self.fetcher = Fetcher(
+            self.cache, block_size=config.block_size, deadline=config.fetch_deadline,
+            read_concurrency=config.read_concurrency, prefetch_concurrency=config.prefetch_concurrency,
+        )
+        self.vfs = Vfs()
+        self.fs = SyncbitFS(self.vfs, self.cache, self.fetcher, self.source_for,
+                            block_size=config.block_size, readahead=config.readahead)
+        self.sources: dict[str, Source] = {}
+        self.datasets: dict[str, DatasetState] = {}
+        self.started = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._mounted = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .api import serve_api
+
+        self._check_not_running()
+        await trio.to_thread.run_sync(cleanup_stale_mount, self.config.mountpoint)
+        os.makedirs(self.config.mountpoint, exist_ok=True)
+        await trio.to_thread.run_sync(self.cache.open)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.cache.run)
+                await nursery.start(self.fetcher.run)
+                await self._restore()
+                self._mount()
+                nursery.start_soon(self._fuse_main)
+                await trio.to_thread.run_sync(
+                    raise_kernel_readahead, self.config.mountpoint, self.config.kernel_read_ahead_kb)
+                for spec in self.config.datasets:
+                    nursery.start_soon(self._add_from_config, spec)
+                await nursery.start(serve_api, self, self.config.socket)
+                nursery.start_soon(self._signals)
+                log.info("agent %s serving %s (socket %s)", self.config.node_name, self.config.mountpoint,
+                         self.config.socket)
+                task_status.started()
+        finally:
+            self._unmount()
+            for src in self.sources.values():
+                with trio.CancelScope(shield=True):
+                    await src.aclose()
+            self.cache.close()
+            log.info("agent stopped")
+
+    def shutdown(self, delay: float = 0.0) -> None:
+        if self._nursery is None:
+            return
+        if delay:
+            self._nursery.start_soon(self._shutdown_later, delay)
+        else:
+            self._nursery.cancel_scope.cancel()
+
+    async def _shutdown_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.shutdown()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s; shutting down", signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+    def _check_not_running(self) -> None:
+        import socket
+
+        path = self.config.socket
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            return
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+        except OSError:
+            os.unlink(path)  # left by a crashed agent
+            return
+        finally:
+            s.close()
+        raise AgentAlreadyRunning(f"an agent is already running on {path}")
+
+    def _mount(self) -> None:
+        try:
+            pyfuse3.init(self.fs, self.config.mountpoint, fuse_options())
+        except RuntimeError as e:
+            raise MountError(f"cannot mount at {self.config.mountpoint}: {e}") from None
+        self._mounted = True
+
+    async def _fuse_main(self) -> None:
+        await pyfuse3.main()
+
+    def _unmount(self) -> None:
+        if self._mounted:
+            self._mounted = False
+            pyfuse3.close(unmount=True)
+
+    # -- datasets ------------------------------------------------------------
+
+    def source_for(self, snap: Snapshot) -> Source:
+        return self.sources[snap.uri]
+
+    async def _source(self, uri: str) -> Source:
+        src = self.sources.get(uri)
+        if src is None:
+            src = await open_source(uri)
+            self.sources.setdefault(uri, src)
+        return self.sources[uri]
+
+    async def _restore(self) -> None:
+        for row in self.cache.index.datasets():
+            ds = DatasetState(row["name"], row["uri"], pinned=bool(row["pinned"]))
+            self.datasets[ds.name] = ds
+            if row["snapshot"]:
+                ds.snapshot = self.cache.index.snapshot(row["snapshot"])
+                try:
+                    await self._source(ds.uri)
+                except SyncbitError as e:
+                    ds.set_state(FAILED, str(e))
+                    continue
+                self.vfs.set_dataset(ds.name, ds.snapshot)
+            ds.set_state(row["state"], row["error"])
+            if ds.pinned and ds.snapshot is not None and ds.state != FAILED:
+                self.start_prefetch(ds)
+
+    async def _add_from_config(self, spec: DatasetSpec) -> None:
+        try:
+            await self.add_dataset(spec.name, spec.uri, pin=spec.pin)
+        except SyncbitError as e:
+            log.error("dataset %s from the config: %s", spec.name, e)
+
+    async def add_dataset(self, name: str | None, uri: str, *, pin: bool = True) -> DatasetState:
+        """Register (or refresh) a dataset: resolve a snapshot and show it; prefetch if pinned."""
+        name = check_dataset_name(name or default_name(uri))
+        existing = self.datasets.get(name)
+        source = await self._source(uri)
+        snap = await source.resolve()
+        ds = existing if existing is not None and existing.uri == uri else DatasetState(name, uri)
+        if existing is not None and existing is not ds and existing.prefetch_scope:
+            existing.prefetch_scope.cancel()
+        self.datasets[name] = ds
+        if ds.snapshot is None or ds.snapshot.id != snap.id:
+            if ds.prefetch_scope is not None:
+                ds.prefetch_scope.cancel()
+            self.cache.index.add_snapshot(snap)
+            ds.snapshot = snap
+            ds.set_state(PENDING)
+            if self.vfs.set_dataset(name, snap) is not None:
+                self._invalidate(name)
+            log.info("dataset %s: snapshot %s of %s (%d files, %d bytes)", name, snap.revision, uri,
+                     len(snap.files), snap.total_size)
+        ds.pinned = ds.pinned or pin
+        self._save(ds)
+        self.cache.index.gc_snapshots()
+        if ds.pinned and (ds.prefetch_scope is None or ds.state == FAILED):
+            self.start_prefetch(ds)
+        return ds
+
+    def _invalidate(self, name: str) -> None:
+        if self._mounted:
+            # Tell the kernel the dataset's directory entry changed.
+            self._nursery.start_soon(_invalidate_entry, name)
+
+    def _save(self, ds: DatasetState) -> None:
+        self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
+                                     ds.state, ds.error, time.time())
+
+    def get(self, name: str) -> DatasetState:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise DatasetNotFound(f"no dataset named {name!r} on this agent") from None
+
+    def start_prefetch(self, ds: DatasetState) -> None:
+        if ds.prefetch_scope is not None:
+            ds.prefetch_scope.cancel()
+        scope = ds.prefetch_scope = trio.CancelScope()
+        self._nursery.start_soon(self._prefetch, ds, scope)
+
+    async def _prefetch(self, ds: DatasetState, scope: trio.CancelScope) -> None:
+        snap = ds.snapshot
+        with scope:
+            ds.set_state(SYNCING)
+            self._save(ds)
+            source = self.source_for(snap)
+            work = self._missing_blocks(snap)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.config.prefetch_concurrency):
+                        nursery.start_soon(self._prefetch_worker, source, work)
+            except SyncbitError as e:
+                hint = " (run 'syncbit pull' again to take a new snapshot)" if isinstance(e, SourceChanged) else ""
+                ds.set_state(FAILED, f"{e}{hint}")
+                self._save(ds)
+                log.error("dataset %s failed: %s", ds.name, e)
+                return
+            if ds.snapshot is snap:
+                ds.set_state(READY if self.missing_bytes(snap) == 0 else FAILED,
+                             None if self.missing_bytes(snap) == 0 else "blocks were evicted during prefetch")
+                self._save(ds)
+                log.info("dataset %s is %s", ds.name, ds.state)
+        if ds.prefetch_scope is scope:
+            ds.prefetch_scope = None
+
+    def _missing_blocks(self, snap: Snapshot):
+        bs = self.config.block_size
+        for entry in snap.files:
+            for idx in range(block_count(entry.size, bs)):
+                if self.cache.present_block(entry.file_object, idx) is None:
+                    yield entry, idx
+
+    async def _prefetch_worker(self, source: Source, work) -> None:
+        for entry, idx in work:
+            await self.fetcher.prefetch_run(source, entry, idx, _PREFETCH_RUN_BLOCKS)
+
+    async def evict(self, name: str) -> int:
+        """Unpin a dataset and drop its cached blocks that no other pinned dataset uses."""
+        ds = self.get(name)
+        if ds.prefetch_scope is not None:
+            ds.prefetch_scope.cancel()
+            ds.prefetch_scope = None
+        ds.pinned = False
+        ds.set_state(PENDING)
+        self._save(ds)
+        if ds.snapshot is None:
+            return 0
+        mine = self.cache.index.blocks_of_snapshot(ds.snapshot.id)
+        keep = self.cache.index.blocks_used_elsewhere(ds.snapshot.id)
+        victims = [b for b in mine - keep if self.cache.has_block(b)]
+        before = self.cache.bytes
+        self.cache.drop_blocks(victims)
+        return before - self.cache.bytes
+
+    # -- status ------------------------------------------------------------
+
+    def cached_bytes(self, snap: Snapshot) -> int:
+        bs = self.config.block_size
+        total = 0
+        for entry in snap.files:
+            known = self.cache.known_blocks(entry.file_object)
+            for idx, bid in known.items():
+                if self.cache.has_block(bid):
+                    total += block_span(entry.size, bs, idx)[1]
+        return total
+
+    def missing_bytes(self, snap: Snapshot) -> int:
+        return snap.total_size - self.cached_bytes(snap)
+
+    def dataset_status(self, ds: DatasetState) -> dict:
+        snap = ds.snapshot
+        total = snap.total_size if snap else 0
+        cached = self.cached_bytes(snap) if snap else 0
+        return {
+            "name": ds.name,
+            "uri": ds.uri,
+            "snapshot": snap.id if snap else None,
+            "revision": snap.revision if snap else None,
+            "files": len(snap.files) if snap else 0,
+            "bytes_total": total,
+            "bytes_cached": cached,
+            "pinned": ds.pinned,
+            "state": ds.state,
+            "error": ds.error,
+            "path": os.path.join(self.config.mountpoint, ds.name),
+            "open_files": self.fs.open_file_count().get(ds.name, 0),
+        }
+
+    def status(self) -> dict:
+        stats = self.cache.statistics()
+        return {
+            "node_name": self.config.node_name,
+            "mountpoint": self.config.mountpoint,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "cache": {
+                "dir": str(self.cache.dir),
+                "bytes": stats.bytes,
+                "blocks": stats.blocks,
+                "quota": stats.quota,
+                "high_watermark": stats.high_watermark,
+                "low_watermark": stats.low_watermark,
+                "evicted_blocks": stats.evicted_blocks,
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "hit_ratio": round(stats.hit_ratio, 4),
+            },
+            "source_bytes": self.fetcher.bytes_from_source,
+            "datasets": [self.dataset_status(ds) for ds in sorted(self.datasets.values(), key=lambda d: d.name)],
+        }
+
+
+async def _invalidate_entry(name: str) -> None:
+    try:
+        await pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(name))
+    except OSError:
+        pass

@@ -1,0 +1,110 @@
+"""The agent's local API: HTTP+JSON on a Unix socket (mode 0600).
+
+Starlette for routing, served by hypercorn's trio worker inside the agent's
+nursery. Errors travel as ``{"error": <SyncbitError class>, "message": ...}``
+so the CLI can rebuild them with their exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..errors import ConfigError, DatasetNotFound, SyncbitError
+from .datasets import FAILED, READY
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+def _error(e: SyncbitError, status: int = 400) -> JSONResponse:
+    if isinstance(e, DatasetNotFound):
+        status = 404
+    return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status)
+
+
+def build_app(agent: Agent) -> Starlette:
+    async def status(request: Request):
+        return JSONResponse(agent.status())
+
+    async def add_dataset(request: Request):
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("uri"), str):
+                raise ConfigError("request needs a JSON object with a 'uri' string")
+            ds = await agent.add_dataset(body.get("name"), body["uri"], pin=bool(body.get("pin", True)))
+            return JSONResponse(agent.dataset_status(ds))
+        except json.JSONDecodeError:
+            return _error(ConfigError("request body is not JSON"))
+        except SyncbitError as e:
+            return _error(e)
+
+    async def get_dataset(request: Request):
+        try:
+            ds = agent.get(request.path_params["name"])
+            # Long-poll: ?wait=S returns early when the state changes.
+            wait = float(request.query_params.get("wait", 0))
+            if wait > 0 and ds.state not in (READY, FAILED):
+                with trio.move_on_after(min(wait, 30)):
+                    await ds.changed.wait()
+            return JSONResponse(agent.dataset_status(ds))
+        except SyncbitError as e:
+            return _error(e)
+
+    async def prefetch(request: Request):
+        try:
+            ds = agent.get(request.path_params["name"])
+            ds.pinned = True
+            agent.start_prefetch(ds)
+            return JSONResponse(agent.dataset_status(ds))
+        except SyncbitError as e:
+            return _error(e)
+
+    async def evict(request: Request):
+        try:
+            freed = await agent.evict(request.path_params["name"])
+            return JSONResponse({"freed_bytes": freed, **agent.dataset_status(agent.get(request.path_params["name"]))})
+        except SyncbitError as e:
+            return _error(e)
+
+    async def shutdown(request: Request):
+        # Answer first, then stop: cancelling now would cut this response.
+        agent.shutdown(delay=0.2)
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[
+        Route("/v1/status", status),
+        Route("/v1/datasets", add_dataset, methods=["POST"]),
+        Route("/v1/datasets/{name}", get_dataset),
+        Route("/v1/datasets/{name}/prefetch", prefetch, methods=["POST"]),
+        Route("/v1/datasets/{name}/evict", evict, methods=["POST"]),
+        Route("/v1/shutdown", shutdown, methods=["POST"]),
+    ])
+
+
+async def serve_api(agent: Agent, socket_path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    cfg = HypercornConfig()
+    cfg.bind = [f"unix:{socket_path}"]
+    cfg.umask = 0o177  # the socket is 0600: the API can register datasets
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("syncbit.agent.api.server")
+    cfg.graceful_timeout = 1.0
+    try:
+        await serve(build_app(agent), cfg, task_status=task_status)
+    finally:
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass

@@ -1,0 +1,30 @@
+"""Per-dataset state the agent keeps and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from ..model import Snapshot
+
+PENDING, SYNCING, READY, FAILED = "pending", "syncing", "ready", "failed"
+
+
+@dataclass
+class DatasetState:
+    name: str
+    uri: str
+    snapshot: Snapshot | None = None
+    pinned: bool = False
+    state: str = PENDING
+    error: str | None = None
+    prefetch_scope: trio.CancelScope | None = field(default=None, repr=False)
+    changed: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        # Wake everyone waiting for a change, then start a new generation.
+        self.changed.set()
+        self.changed = trio.Event()

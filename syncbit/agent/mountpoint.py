@@ -1,0 +1,87 @@
+"""Mountpoint housekeeping: stale FUSE mounts, the kernel readahead window."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+
+from ..errors import MountError
+
+log = logging.getLogger(__name__)
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entry(mountpoint: str) -> tuple[str, str] | None:
+    """(major:minor, fstype) of the mount at ``mountpoint``, if any, from mountinfo."""
+    target = os.path.realpath(mountpoint) if os.path.exists(mountpoint) else os.path.abspath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and _unescape(fields[4]) in (target, os.path.abspath(mountpoint)):
+                    found = (fields[2], right.split()[0])  # the last one is on top
+    except OSError:
+        return None
+    return found
+
+
+def is_stale(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def cleanup_stale_mount(mountpoint: str) -> bool:
+    """Unmount a FUSE mount left by a crashed agent. Returns True if it did."""
+    entry = mount_entry(mountpoint)
+    if entry is None and not is_stale(mountpoint):
+        return False
+    if entry is not None and not entry[1].startswith("fuse"):
+        raise MountError(f"{mountpoint} is already a {entry[1]} mount; refusing to mount over it")
+    log.warning("cleaning up a stale mount at %s left by an earlier agent", mountpoint)
+    for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return True
+    if mount_entry(mountpoint) is None and not is_stale(mountpoint):
+        return True
+    raise MountError(f"cannot unmount the stale mount at {mountpoint}; run 'fusermount3 -u -z {mountpoint}'")
+
+
+def raise_kernel_readahead(mountpoint: str, kb: int) -> None:
+    """Raise the FUSE mount's readahead window (the kernel keeps 128 KiB otherwise).
+
+    Reads mountinfo rather than stat()ing the mountpoint: a stat from the
+    process serving the mount would wait on itself.
+    """
+    entry = mount_entry(mountpoint)
+    if entry is None or kb <= 0:
+        return
+    path = f"/sys/class/bdi/{entry[0]}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        log.debug("set %s to %d", path, kb)
+    except OSError as e:
+        log.info("cannot raise the kernel readahead window (%s): %s", path, e.strerror)

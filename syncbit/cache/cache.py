@@ -1,0 +1,251 @@
+"""``BlockCache``: block files + index + eviction, as one object for the agent.
+
+It knows block ids and file objects, never sources. The in-memory maps
+(``_present``, ``_fo_blocks``) answer the FUSE read fast path without SQLite
+and without an ``await``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from ..errors import CacheFull
+from .eviction import select_victims
+from .index import Index
+from .store import BlockStore
+
+log = logging.getLogger(__name__)
+
+_CLEAN_MARK = "clean-shutdown"
+_STARTED_MARK = "last-start"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    bytes: int
+    blocks: int
+    quota: int
+    high_watermark: int
+    low_watermark: int
+    evicted_blocks: int
+    hits: int
+    misses: int
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class BlockCache:
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        quota: int | float,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        min_free_disk: int = 0,
+    ) -> None:
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = BlockStore(self.dir)
+        self.index = Index(self.dir / "index.sqlite")
+        self._quota_setting = quota
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.min_free_disk = min_free_disk
+        self._present: dict[str, int] = {}
+        self._fo_blocks: dict[str, dict[int, str]] = {}
+        self._in_use: Counter[str] = Counter()
+        self._access: dict[str, tuple[float, int]] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evicted_blocks = 0
+        self._pressure = trio.Event()
+        self._io = trio.CapacityLimiter(4)  # threads writing/fsyncing blocks
+
+    # -- start and stop ----------------------------------------------------
+
+    def open(self) -> None:
+        """Reconcile the index with the block files (blocking; run before serving)."""
+        started = self.dir / _STARTED_MARK
+        clean = (self.dir / _CLEAN_MARK).exists() or not started.exists()  # or a new cache
+        last_start = started.stat().st_mtime if started.exists() else 0.0
+        (self.dir / _CLEAN_MARK).unlink(missing_ok=True)
+        started.touch()
+        indexed = self.index.block_sizes()
+        on_disk = {bid: (size, mtime) for bid, size, mtime in self.store.scan()}
+        missing = [b for b in indexed if b not in on_disk]
+        if missing:
+            log.warning("index lists %d blocks whose files are gone; forgetting them", len(missing))
+            self.index.remove_blocks(missing)
+        adopted = 0
+        for bid, (size, mtime) in on_disk.items():
+            if bid not in indexed:
+                # Renamed into place but the index row was lost in a crash:
+                # the name is its content hash, so re-hash before adopting it.
+                data = Path(self.store.path(bid)).read_bytes()
+                from ..model import content_id
+                from .store import at_rest_checksum
+
+                if content_id(data) == bid:
+                    self.index.add_block(bid, size, at_rest_checksum(data), mtime)
+                    adopted += 1
+                else:
+                    self.store.remove(bid)
+        if not clean:
+            # After a crash, check blocks written since the previous start.
+            bad = [b for b, c in self.index.checksums_since(last_start) if not self.store.verify(b, c)]
+            if bad:
+                log.error("dropping %d cached blocks that fail their at-rest checksum", len(bad))
+                for b in bad:
+                    self.store.remove(b)
+                self.index.remove_blocks(bad)
+        self._present = self.index.block_sizes()
+        self.bytes = sum(self._present.values())
+        if adopted:
+            log.info("adopted %d block files missing from the index", adopted)
+        log.info("cache %s: %d blocks, %d bytes (%s start)", self.dir, len(self._present), self.bytes,
+                 "clean" if clean else "unclean")
+
+    def close(self) -> None:
+        self.flush_access()
+        self.index.close()
+        (self.dir / _CLEAN_MARK).touch()
+
+    # -- sizes -----------------------------------------------------------
+
+    @property
+    def quota(self) -> int:
+        if isinstance(self._quota_setting, float):
+            st = os.statvfs(self.dir)
+            return int(st.f_blocks * st.f_frsize * self._quota_setting)
+        return int(self._quota_setting)
+
+    def statistics(self) -> CacheStats:
+        q = self.quota
+        return CacheStats(
+            bytes=self.bytes, blocks=len(self._present), quota=q,
+            high_watermark=int(q * self.high_watermark), low_watermark=int(q * self.low_watermark),
+            evicted_blocks=self.evicted_blocks, hits=self.hits, misses=self.misses,
+        )
+
+    # -- lookups (synchronous, used by the FUSE fast path) ---------------------
+
+    def known_blocks(self, fo: str) -> dict[int, str]:
+        """Block ids known for a file object (present or not)."""
+        blocks = self._fo_blocks.get(fo)
+        if blocks is None:
+            blocks = self._fo_blocks[fo] = self.index.fo_blocks(fo)
+        return blocks
+
+    def present_block(self, fo: str, idx: int) -> str | None:
+        bid = self.known_blocks(fo).get(idx)
+        return bid if bid is not None and bid in self._present else None
+
+    def has_block(self, block_id: str) -> bool:
+        return block_id in self._present
+
+    def open_block(self, block_id: str) -> int:
+        return self.store.open(block_id)
+
+    def touch(self, block_id: str) -> None:
+        """Count one use of a block (once per open file handle, not per read)."""
+        _, n = self._access.get(block_id, (0.0, 0))
+        self._access[block_id] = (time.time(), n + 1)
+
+    def hold(self, block_id: str) -> None:
+        """Protect a block from eviction while a reader or a fetch uses it."""
+        self._in_use[block_id] += 1
+
+    def release(self, block_id: str) -> None:
+        self._in_use[block_id] -= 1
+        if self._in_use[block_id] <= 0:
+            del self._in_use[block_id]
+
+    def flush_access(self) -> None:
+        if self._access:
+            updates, self._access = self._access, {}
+            self.index.record_access(updates)
+
+    # -- writes --------------------------------------------------------
+
+    async def put(self, fo: str, idx: int, data: bytes, expected: str | None) -> str:
+        """Verify and store one block of a file object; returns its id.
+
+        Raises BlockCorrupt if ``expected`` is given and the bytes differ.
+        """
+        self._check_space(len(data))
+        bid, checksum = await trio.to_thread.run_sync(self.store.write, data, expected, limiter=self._io)
+        if bid not in self._present:
+            self.index.add_block(bid, len(data), checksum, time.time())
+            self._present[bid] = len(data)
+            self.bytes += len(data)
+            if self.bytes > self.quota * self.high_watermark:
+                self._pressure.set()
+        self.index.set_fo_block(fo, idx, bid)
+        self.known_blocks(fo)[idx] = bid
+        return bid
+
+    def _check_space(self, size: int) -> None:
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        if free - size < self.min_free_disk:
+            self._pressure.set()
+            raise CacheFull(
+                f"cache filesystem of {self.dir} has {free} bytes free, "
+                f"below the reserve of {self.min_free_disk} bytes"
+            )
+
+    # -- eviction ------------------------------------------------------
+
+    def evict(self, target_bytes: int) -> int:
+        """Evict unpinned, unused blocks until at most ``target_bytes`` are cached."""
+        if self.bytes <= target_bytes:
+            return 0
+        self.flush_access()
+        candidates = [s for s in self.index.eviction_candidates() if s.id not in self._in_use]
+        victims = select_victims(candidates, self.bytes - target_bytes, time.time())
+        self.drop_blocks(victims)
+        if self.bytes > target_bytes:
+            log.warning("cache holds %d bytes over its target of %d: the rest is pinned or in use",
+                        self.bytes - target_bytes, target_bytes)
+        return len(victims)
+
+    def drop_blocks(self, ids: list[str]) -> None:
+        ids = [i for i in ids if i in self._present and i not in self._in_use]
+        # Forget them before unlinking: a reader that already holds an fd
+        # keeps reading the unlinked file; a new reader will refetch.
+        for i in ids:
+            self.bytes -= self._present.pop(i)
+            self.store.remove(i)
+        self.index.remove_blocks(ids)
+        self.evicted_blocks += len(ids)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Service: flush access statistics and evict down to the low watermark under pressure."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(5):
+                await self._pressure.wait()
+            self._pressure = trio.Event()
+            self.flush_access()
+            q = self.quota
+            st = os.statvfs(self.dir)
+            free = st.f_bavail * st.f_frsize
+            target = int(q * self.low_watermark)
+            if free < self.min_free_disk:
+                target = min(target, max(0, self.bytes - (self.min_free_disk - free)))
+            if self.bytes > q * self.high_watermark or free < self.min_free_disk:
+                n = self.evict(target)
+                if n:
+                    log.info("evicted %d blocks; cache now %d bytes (quota %d)", n, self.bytes, q)

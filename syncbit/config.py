@@ -1,0 +1,170 @@
+"""Agent configuration: YAML file, then ``SYNCBIT_*`` environment, then flags.
+
+Built once by the entry point into a frozen ``AgentConfig`` and passed down
+explicitly; nothing reads the environment at import time. Unknown keys are
+errors, not ignored: a typo in a quota must not silently mean "no quota".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket as _socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .units import parse_duration, parse_size
+
+DEFAULT_SOCKET = "/run/syncbit/agent.sock"
+DEFAULT_BLOCK_SIZE = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset the agent registers at start (``datasets:`` in the config)."""
+
+    name: str
+    uri: str
+    pin: bool = True
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str = field(default_factory=_socket.gethostname)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    mountpoint: str = "/datasets"
+    cache_dir: str = "/var/lib/syncbit"
+    # Bytes, or a fraction of the cache filesystem when given as "80%".
+    cache_quota: int | float = 0.8
+    cache_high_watermark: float = 0.95
+    cache_low_watermark: float = 0.85
+    # Never fill the cache filesystem past this many free bytes.
+    min_free_disk: int = 1 * 2**30
+    socket: str = DEFAULT_SOCKET
+    block_size: int = DEFAULT_BLOCK_SIZE
+    # Bytes fetched ahead of a sequential reader.
+    readahead: int = 64 * 2**20
+    # Concurrent source requests for background prefetch / for reads.
+    prefetch_concurrency: int = 4
+    read_concurrency: int = 8
+    # A read that cannot be served within this time gets EIO.
+    fetch_deadline: float = 60.0
+    # Kernel readahead window for the mount (read_ahead_kb of its bdi).
+    kernel_read_ahead_kb: int = 4096
+    log_level: str = "INFO"
+    log_format: str = "text"
+    datasets: tuple[DatasetSpec, ...] = ()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
+
+
+_SIZE_KEYS = {"min_free_disk", "block_size", "readahead"}
+_DURATION_KEYS = {"fetch_deadline"}
+_INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb"}
+_FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}
+_FIELDS = {f.name for f in dataclasses.fields(AgentConfig)}
+
+
+def _convert(key: str, value: Any) -> Any:
+    if key in _SIZE_KEYS:
+        return parse_size(value, key=key)
+    if key in _DURATION_KEYS:
+        return parse_duration(value, key=key)
+    if key in _INT_KEYS:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if key in _FLOAT_KEYS:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not 0 < v <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {v}")
+        return v
+    if key == "cache_quota":
+        s = str(value).strip()
+        if s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                raise ConfigError(f"cache_quota: cannot parse {value!r}") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(f"cache_quota: percentage must be in (0, 100], got {s}")
+            return pct / 100
+        return parse_size(value, key=key)
+    if key == "labels":
+        if isinstance(value, str):  # env form: "gpu=h100,zone=a"
+            value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+        if not isinstance(value, Mapping):
+            raise ConfigError("labels: expected a mapping of label -> value")
+        return {str(k): str(v) for k, v in value.items()}
+    if key == "datasets":
+        if not isinstance(value, list):
+            raise ConfigError("datasets: expected a list of {name, uri}")
+        specs = []
+        for item in value:
+            if not isinstance(item, Mapping) or set(item) - {"name", "uri", "pin"} or "uri" not in item or "name" not in item:
+                raise ConfigError(f"datasets: each entry needs name and uri (and optionally pin), got {item!r}")
+            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), bool(item.get("pin", True))))
+        return tuple(specs)
+    if key == "log_format" and value not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {value!r}")
+    return str(value)
+
+
+def load_agent_config(
+    path: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """File, then ``SYNCBIT_<KEY>`` environment, then ``overrides`` (flags)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config {path}: expected a mapping at the top level")
+        unknown = set(raw) - _FIELDS
+        if unknown:
+            raise ConfigError(f"config {path}: unknown keys: {', '.join(sorted(unknown))}")
+        values.update(raw)
+    for key in _FIELDS - {"datasets"}:
+        env_value = env.get(f"SYNCBIT_{key.upper()}")
+        if env_value is not None:
+            values[key] = env_value
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key}")
+        if value is not None:
+            values[key] = value
+    converted = {k: _convert(k, v) for k, v in values.items()}
+    cfg = AgentConfig(**converted)
+    if cfg.cache_low_watermark >= cfg.cache_high_watermark:
+        raise ConfigError("cache_low_watermark must be below cache_high_watermark")
+    if cfg.block_size < 64 * 1024 or cfg.block_size > 256 * 2**20:
+        raise ConfigError("block_size must be between 64KiB and 256MiB")
+    return cfg
+
+
+def socket_path_for_cli(config_path: str | None, env: Mapping[str, str] | None = None) -> str:
+    """Where the CLI finds the agent: --config, SYNCBIT_CONFIG, SYNCBIT_SOCKET, default."""
+    env = os.environ if env is None else env
+    config_path = config_path or env.get("SYNCBIT_CONFIG")
+    if config_path:
+        return load_agent_config(config_path, env=env).socket
+    return env.get("SYNCBIT_SOCKET", DEFAULT_SOCKET)

@@ -1,0 +1,189 @@
+"""Single-flight block fetches.
+
+A *run* is a contiguous range of blocks of one file fetched with one source
+request and cut into blocks as the bytes stream in; each block is hashed,
+checked against the id recorded for it (if one is known), written to the
+cache and announced to its waiters as soon as it is complete, so a reader
+waiting for the first block of a run does not wait for the rest.
+
+Concurrent misses of one block share one fetch: ``_flights`` maps
+(file object, block index) to a ``_Flight`` whose event fires when the block
+is in the cache or the run failed. Claiming blocks happens without an
+``await`` between the check and the insert, so two tasks cannot claim the
+same block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from ..cache import BlockCache
+from ..errors import BlockCorrupt, FetchFailed, SourceChanged, SyncbitError
+from ..model import FileEntry, block_count, block_span
+from ..sources.base import Source
+from ..sources.retry import Retrier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Flight:
+    event: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Fetcher:
+    def __init__(
+        self,
+        cache: BlockCache,
+        *,
+        block_size: int,
+        deadline: float,
+        read_concurrency: int = 8,
+        prefetch_concurrency: int = 4,
+    ) -> None:
+        self.cache = cache
+        self.block_size = block_size
+        self.deadline = deadline
+        self.read_limiter = trio.CapacityLimiter(read_concurrency)
+        self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self.bytes_from_source = 0
+        self.runs = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Service: hosts the background runs that readers start."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- entry points --------------------------------------------------------
+
+    async def read_block(self, source: Source, entry: FileEntry, idx: int, readahead_blocks: int = 0) -> str:
+        """Return the id of block ``idx`` of ``entry``, fetching it if needed."""
+        key = (entry.file_object, idx)
+        while True:
+            bid = self.cache.present_block(entry.file_object, idx)
+            if bid is not None:
+                return bid
+            flight = self._flights.get(key)
+            if flight is None:
+                end = self._run_end(source, entry, idx, 1 + readahead_blocks)
+                self.start_run(source, entry, idx, end, self.read_limiter)
+                flight = self._flights[key]
+            await flight.event.wait()
+            if flight.error is not None:
+                raise flight.error
+
+    def readahead(self, source: Source, entry: FileEntry, idx: int, nblocks: int) -> None:
+        """Start fetching missing blocks from ``idx`` on in the background (no await)."""
+        total = block_count(entry.size, self.block_size)
+        end = min(total, idx + nblocks)
+        for i in range(idx, end):
+            if self.cache.present_block(entry.file_object, i) is None and (entry.file_object, i) not in self._flights:
+                self.start_run(source, entry, i, self._run_end(source, entry, i, end - i), self.read_limiter)
+                return
+
+    async def prefetch_run(self, source: Source, entry: FileEntry, idx: int, max_blocks: int) -> int:
+        """Fetch missing blocks from ``idx`` in this task; returns the next index to look at."""
+        async with self.prefetch_limiter:
+            claimed = self._claim(entry, idx, self._run_end(source, entry, idx, max_blocks))
+            if not claimed:
+                return idx + 1
+            await self._fetch(source, entry, claimed)
+            return claimed[-1] + 1
+
+    def start_run(self, source: Source, entry: FileEntry, idx: int, end: int, limiter: trio.CapacityLimiter) -> None:
+        assert self._nursery is not None, "Fetcher.run must be started first"
+        claimed = self._claim(entry, idx, end)
+        if claimed:
+            self._nursery.start_soon(self._limited_fetch, source, entry, claimed, limiter)
+
+    # -- internals ---------------------------------------------------------
+
+    def _run_end(self, source: Source, entry: FileEntry, idx: int, nblocks: int) -> int:
+        total = block_count(entry.size, self.block_size)
+        if getattr(source, "prefers_whole_file", lambda e: False)(entry):
+            return total  # each request restarts at byte 0: take the rest in one go
+        return min(total, idx + max(1, nblocks))
+
+    def _claim(self, entry: FileEntry, idx: int, end: int) -> list[int]:
+        # No await in here: check-and-insert must be atomic for single flight.
+        claimed = []
+        for i in range(idx, end):
+            key = (entry.file_object, i)
+            if key in self._flights or self.cache.present_block(entry.file_object, i) is not None:
+                break
+            self._flights[key] = _Flight()
+            claimed.append(i)
+        return claimed
+
+    async def _limited_fetch(self, source, entry, claimed, limiter) -> None:
+        try:
+            async with limiter:
+                await self._fetch(source, entry, claimed)
+        except SyncbitError:
+            pass  # already delivered to the waiters and logged
+
+    async def _fetch(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
+        """Fetch the contiguous blocks ``claimed`` and settle their flights."""
+        pending = list(claimed)
+        retrier = Retrier(source.is_temporary, what=f"fetching {entry.path}")
+        self.runs += 1
+        try:
+            with trio.move_on_after(self.deadline) as scope:
+                await retrier.run(lambda: self._fetch_once(source, entry, pending))
+            if scope.cancelled_caught:
+                raise FetchFailed(
+                    f"{entry.path}: block {pending[0]} not fetched within {self.deadline:.0f}s: {retrier.last_error}"
+                )
+        except BaseException as e:
+            err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
+            if isinstance(e, Exception):
+                log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, pending[0], pending[-1], err)
+            for i in pending:
+                flight = self._flights.pop((entry.file_object, i))
+                # A cancelled run leaves no error: waiters simply claim again.
+                flight.error = err if isinstance(e, Exception) else None
+                flight.event.set()
+            raise
+
+    async def _fetch_once(self, source: Source, entry: FileEntry, pending: list[int]) -> None:
+        """One source request for ``pending`` (blocks done so far are removed from it)."""
+        first = pending[0]
+        start, _ = block_span(entry.size, self.block_size, first)
+        last_start, last_len = block_span(entry.size, self.block_size, pending[-1])
+        buf = bytearray()
+
+        async def sink(chunk: bytes) -> None:
+            buf.extend(chunk)
+            self.bytes_from_source += len(chunk)
+            while pending:
+                _, want = block_span(entry.size, self.block_size, pending[0])
+                if len(buf) < want:
+                    return
+                data = bytes(buf[:want])
+                del buf[:want]
+                await self._complete(entry, pending[0], data)
+                pending.pop(0)
+
+        if entry.size == 0:
+            return
+        await source.read_range(entry, start, last_start + last_len - start, sink)
+        if pending:
+            raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")
+
+    async def _complete(self, entry: FileEntry, idx: int, data: bytes) -> None:
+        expected = self.cache.known_blocks(entry.file_object).get(idx)
+        try:
+            await self.cache.put(entry.file_object, idx, data, expected)
+        except BlockCorrupt as e:
+            raise SourceChanged(f"{entry.locator} block {idx}: bytes differ from the ones recorded earlier ({e})") \
+                from None
+        flight = self._flights.pop((entry.file_object, idx))
+        flight.event.set()

@@ -1,0 +1,248 @@
+"""The pyfuse3 adapter: translates kernel requests to ``Vfs`` and the cache.
+
+Thin on purpose. The read handler has a fast path that never awaits: when
+every block it needs is in the cache it ``os.pread``s the block files through
+descriptors kept on the open handle (measured: awaiting or offloading reads to
+threads costs 30-40% throughput and 4-5x IOPS). Only a miss awaits the
+fetcher. Errors become errno here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Callable
+
+import pyfuse3
+
+from ..cache import BlockCache
+from ..errors import SyncbitError
+from ..fetch import Fetcher
+from ..model import FileEntry, Snapshot
+from ..sources.base import Source
+from .vfs import ROOT_INODE, Node, Vfs
+
+log = logging.getLogger(__name__)
+
+# Snapshots are immutable, so the kernel may cache names and attributes long;
+# the root changes when datasets come and go and is invalidated explicitly.
+_LONG = 86400.0
+_ROOT_TIMEOUT = 1.0
+_FDS_PER_HANDLE = 8
+
+
+class OpenFile:
+    __slots__ = ("entry", "source", "dataset", "fds", "next_offset")
+
+    def __init__(self, entry: FileEntry, source: Source, dataset: str) -> None:
+        self.entry = entry
+        self.source = source
+        self.dataset = dataset
+        # block index -> (fd, block id); LRU, each held against eviction.
+        self.fds: OrderedDict[int, tuple[int, str]] = OrderedDict()
+        self.next_offset = 0
+
+
+class SyncbitFS(pyfuse3.Operations):
+    def __init__(
+        self,
+        vfs: Vfs,
+        cache: BlockCache,
+        fetcher: Fetcher,
+        source_for: Callable[[Snapshot], Source],
+        *,
+        block_size: int,
+        readahead: int,
+    ) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.cache = cache
+        self.fetcher = fetcher
+        self.source_for = source_for
+        self.block_size = block_size
+        self.readahead_blocks = max(0, readahead // block_size)
+        self.handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+
+    # -- attributes ------------------------------------------------------
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        timeout = _ROOT_TIMEOUT if node.inode == ROOT_INODE else _LONG
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        a.st_mode = node.mode
+        a.st_nlink = 2 + sum(1 for c in node.children.values() if c.is_dir) if node.is_dir else 1
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_size = node.size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (node.size + 511) // 512
+        ns = int(node.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        return a
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self._attr(self.vfs.lookup(parent_inode, os.fsdecode(name)))
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except NotADirectoryError:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return self._attr(self.vfs.node(inode))
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        stats = self.cache.statistics()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = stats.quota // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.vfs._nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories -----------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        try:
+            if not self.vfs.node(inode).is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        entries = self.vfs.readdir(fh)
+        for i, (name, node) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), i):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # -- files -------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            node = self.vfs.node(inode)
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if node.is_dir or node.entry is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = OpenFile(node.entry, self.source_for(node.snapshot), node.dataset)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = True
+        info.direct_io = False
+        return info
+
+    async def read(self, fh, off, size):
+        h = self.handles[fh]
+        entry = h.entry
+        end = min(off + size, entry.size)
+        if off >= end:
+            return b""
+        bs = self.block_size
+        first, last = off // bs, (end - 1) // bs
+        if off != h.next_offset:
+            sequential = False
+        else:
+            sequential = True
+        h.next_offset = end
+        parts = []
+        for idx in range(first, last + 1):
+            slot = h.fds.get(idx)
+            if slot is None:
+                slot = await self._open_block(h, idx, sequential)
+            else:
+                h.fds.move_to_end(idx)
+            base = idx * bs
+            lo = max(off, base) - base
+            hi = min(end, base + bs) - base
+            parts.append(os.pread(slot[0], hi - lo, lo))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _open_block(self, h: OpenFile, idx: int, sequential: bool) -> tuple[int, str]:
+        entry = h.entry
+        bid = self.cache.present_block(entry.file_object, idx)
+        while True:
+            if bid is None:
+                self.cache.misses += 1
+                try:
+                    bid = await self.fetcher.read_block(h.source, entry, idx, self.readahead_blocks)
+                except SyncbitError as e:
+                    log.error("read failed: dataset %s file %s block %d: %s", h.dataset, entry.path, idx, e)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+            else:
+                self.cache.hits += 1
+            slot = h.fds.get(idx)  # a concurrent read on this handle may have opened it
+            if slot is not None:
+                return slot
+            try:
+                fd = self.cache.open_block(bid)
+                break
+            except FileNotFoundError:
+                bid = None  # evicted between lookup and open: fetch again
+        slot = (fd, bid)
+        self.cache.hold(bid)
+        self.cache.touch(bid)
+        h.fds[idx] = slot
+        if len(h.fds) > _FDS_PER_HANDLE:
+            _, (old_fd, old_bid) = h.fds.popitem(last=False)
+            os.close(old_fd)
+            self.cache.release(old_bid)
+        if sequential and self.readahead_blocks:
+            self.fetcher.readahead(h.source, entry, idx + 1, self.readahead_blocks)
+        return slot
+
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        for fd, bid in h.fds.values():
+            os.close(fd)
+            self.cache.release(bid)
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    # Everything that would write is refused; the mount is also 'ro'.
+    async def _erofs(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mkdir = mknod = symlink = link = unlink = rmdir = rename = write = setxattr = removexattr = _erofs
+
+    def open_file_count(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for h in self.handles.values():
+            counts[h.dataset] = counts.get(h.dataset, 0) + 1
+        return counts
+
+
+def fuse_options() -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {"fsname=syncbit", "subtype=syncbit", "ro", "allow_other"}
+    return opts
+
+
+def is_dir_mode(mode: int) -> bool:
+    return stat.S_ISDIR(mode)

@@ -1,0 +1,129 @@
+"""The filesystem model: a pure tree of datasets and their snapshots.
+
+Knows nothing about pyfuse3 or the kernel; ``fuse.py`` translates. The root
+lists datasets; ``<name>/`` shows the dataset's current snapshot and
+``<name>@<revision>/`` a pinned one by its revision. Replacing a dataset's
+snapshot swaps one dict entry (atomic between awaits); nodes of the old
+snapshot stay valid for files already open.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from dataclasses import dataclass, field
+
+from ..model import FileEntry, Snapshot
+
+ROOT_INODE = 1
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    name: str
+    is_dir: bool
+    dataset: str = ""
+    snapshot: Snapshot | None = None
+    entry: FileEntry | None = None
+    mtime: float = 0.0
+    children: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.entry.size if self.entry is not None else 0
+
+    @property
+    def mode(self) -> int:
+        if self.is_dir:
+            return stat.S_IFDIR | 0o555
+        return stat.S_IFREG | (self.entry.mode if self.entry else 0o444)
+
+
+class Vfs:
+    def __init__(self) -> None:
+        self._next_inode = ROOT_INODE + 1
+        self.root = Node(ROOT_INODE, "", True, mtime=time.time())
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
+        self._current: dict[str, Node] = {}  # dataset -> root node of its current snapshot
+        self._by_revision: dict[tuple[str, str], Node] = {}
+
+    def _new(self, name: str, is_dir: bool, **kw) -> Node:
+        node = Node(self._next_inode, name, is_dir, **kw)
+        self._next_inode += 1
+        self._nodes[node.inode] = node
+        return node
+
+    def _build(self, dataset: str, snap: Snapshot) -> Node:
+        top = self._new(dataset, True, dataset=dataset, snapshot=snap, mtime=snap.created)
+        for entry in snap.files:
+            *dirs, leaf = entry.path.split("/")
+            parent = top
+            for d in dirs:
+                child = parent.children.get(d)
+                if child is None:
+                    child = parent.children[d] = self._new(d, True, dataset=dataset, snapshot=snap,
+                                                           mtime=snap.created)
+                elif not child.is_dir:
+                    raise ValueError(f"{entry.path}: {d} is both a file and a directory in {snap.uri}")
+                parent = child
+            if leaf in parent.children:
+                raise ValueError(f"{entry.path}: listed twice in {snap.uri}")
+            parent.children[leaf] = self._new(leaf, False, dataset=dataset, snapshot=snap, entry=entry,
+                                              mtime=entry.mtime or snap.created)
+        return top
+
+    # -- changes -----------------------------------------------------------
+
+    def set_dataset(self, name: str, snap: Snapshot) -> Node | None:
+        """Make ``snap`` the current snapshot of ``name``; returns the node it replaced."""
+        if "/" in name or "@" in name or name in ("", ".", ".."):
+            raise ValueError(f"invalid dataset name {name!r}")
+        key = (name, snap.revision)
+        top = self._by_revision.get(key)
+        if top is None or top.snapshot.id != snap.id:
+            top = self._by_revision[key] = self._build(name, snap)
+        old = self._current.get(name)
+        self._current[name] = top
+        self.root.children[name] = top
+        self.root.mtime = time.time()
+        return old if old is not top else None
+
+    def remove_dataset(self, name: str) -> Node | None:
+        old = self._current.pop(name, None)
+        self.root.children.pop(name, None)
+        for key in [k for k in self._by_revision if k[0] == name]:
+            del self._by_revision[key]
+        self.root.mtime = time.time()
+        return old
+
+    # -- queries ------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise FileNotFoundError(inode) from None
+
+    def lookup(self, parent: int, name: str) -> Node:
+        p = self.node(parent)
+        if not p.is_dir:
+            raise NotADirectoryError(name)
+        if name == ".":
+            return p
+        child = p.children.get(name)
+        if child is None and p.inode == ROOT_INODE and "@" in name:
+            dataset, _, revision = name.partition("@")
+            child = self._by_revision.get((dataset, revision))
+        if child is None:
+            raise FileNotFoundError(name)
+        return child
+
+    def readdir(self, inode: int) -> list[tuple[str, Node]]:
+        node = self.node(inode)
+        if not node.is_dir:
+            raise NotADirectoryError(inode)
+        return sorted(node.children.items())
+
+    def datasets(self) -> dict[str, Snapshot]:
+        return {name: node.snapshot for name, node in self._current.items()}

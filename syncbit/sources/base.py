@@ -1,0 +1,97 @@
+"""The ``Source`` contract and the registry of sources by URI scheme.
+
+A source lists a snapshot (``resolve``) and reads byte ranges of the files it
+listed (``read_range``). It knows nothing about caches; retries live in
+``retry.py`` and ask the source whether an error is temporary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
+
+from ..errors import MalformedURI, UnknownScheme
+from ..model import FileEntry, Snapshot
+
+# Receives the bytes of a range in order, in chunks of any size.
+Sink = Callable[[bytes], Awaitable[None]]
+
+# scheme -> (module, class, install hint). Imported lazily so that a missing
+# optional dependency only matters to users of that scheme.
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "file": ("syncbit.sources.file", "FileSource", None),
+    "http": ("syncbit.sources.http", "HttpSource", None),
+    "https": ("syncbit.sources.http", "HttpSource", None),
+}
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+class Source(ABC):
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @classmethod
+    async def create(cls, uri: str) -> Source:
+        """Async factory: check the URI and open what the source needs."""
+        return cls(uri)
+
+    @abstractmethod
+    async def resolve(self) -> Snapshot:
+        """List the source now and pin what was listed."""
+
+    @abstractmethod
+    async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
+        """Deliver exactly ``length`` bytes of ``entry`` from ``offset`` to ``sink``.
+
+        Raises SourceChanged if the file no longer matches ``entry.validator``,
+        and an error for which ``is_temporary`` is true for failures worth a
+        retry. Bytes already given to ``sink`` stay valid when it fails.
+        """
+
+    def is_temporary(self, error: BaseException) -> bool:
+        from ..errors import TemporarySourceError
+
+        return isinstance(error, TemporarySourceError)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def known_schemes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def scheme_of(uri: str) -> str:
+    if not isinstance(uri, str) or not uri.strip():
+        raise MalformedURI("empty source URI")
+    if uri.startswith("/") or uri.startswith("."):
+        return "file"
+    m = _SCHEME.match(uri)
+    if not m:
+        raise MalformedURI(
+            f"malformed source URI {uri!r}: expected SCHEME://... or an absolute path "
+            f"(known schemes: {', '.join(known_schemes())})"
+        )
+    return m.group(1).lower()
+
+
+async def open_source(uri: str) -> Source:
+    scheme = scheme_of(uri)
+    try:
+        module_name, class_name, hint = _REGISTRY[scheme]
+    except KeyError:
+        raise UnknownScheme(
+            f"unknown source scheme {scheme!r} in {uri!r}; known schemes: {', '.join(known_schemes())}"
+        ) from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise UnknownScheme(f"source scheme {scheme!r} needs {hint or e.name}: {e}") from None
+    cls: type[Source] = getattr(module, class_name)
+    return await cls.create(uri)

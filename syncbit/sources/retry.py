@@ -1,0 +1,49 @@
+"""Retries with exponential backoff and jitter, shared by every caller of a source.
+
+There is no timeout parameter: the caller bounds the whole thing with
+``trio.move_on_after``/``fail_after`` and reads ``last_error`` to explain why.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Retrier:
+    def __init__(
+        self,
+        is_temporary: Callable[[BaseException], bool],
+        *,
+        what: str,
+        initial_delay: float = 0.1,
+        max_delay: float = 5.0,
+    ) -> None:
+        self.is_temporary = is_temporary
+        self.what = what
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.attempts = 0
+        self.last_error: BaseException | None = None
+
+    async def run(self, op: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            self.attempts += 1
+            try:
+                return await op()
+            except Exception as e:
+                if not self.is_temporary(e):
+                    raise
+                self.last_error = e
+                delay = min(self.max_delay, self.initial_delay * 2 ** (self.attempts - 1))
+                delay *= random.uniform(0.5, 1.0)
+                # One line per retry is fine: retries are rare and spaced out.
+                log.warning("%s failed (attempt %d): %s; retrying in %.1fs", self.what, self.attempts, e, delay)
+                await trio.sleep(delay)
