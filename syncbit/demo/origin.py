@@ -15,6 +15,7 @@ import html
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -33,6 +34,7 @@ class OriginServer(ThreadingHTTPServer):
         self.drop_every = 1  # ... on every Nth GET (1: all of them)
         self.fail_every = 0  # answer 503 to every Nth GET (0: never)
         self.extra_links: list[str] = []  # hrefs added to every index page (hostile-listing tests)
+        self.rate: int | None = None  # bytes per second per response (slow origins)
         self.bytes_sent = 0
         self.gets = 0
         self._lock = threading.Lock()
@@ -138,13 +140,16 @@ class _Handler(BaseHTTPRequestHandler):
             sent = 0
             try:
                 while sent < limit:
-                    k = self.connection.sendfile(f, start + sent, min(limit - sent, 8 << 20))
+                    step = 8 << 20 if srv.rate is None else max(4096, srv.rate // 20)
+                    k = self.connection.sendfile(f, start + sent, min(limit - sent, step))
                     if not k:
                         break
                     sent += k
+                    srv.count(k)
+                    if srv.rate is not None:
+                        time.sleep(k / srv.rate)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            srv.count(sent)
         if drop:
             self.close_connection = True
             try:

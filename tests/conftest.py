@@ -1,0 +1,148 @@
+"""Shared fixtures: isolated environment, real HTTP origins, real agents with real mounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from syncbit.demo.origin import OriginServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith("SYNCBIT_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def origin_factory(tmp_path):
+    servers = []
+
+    def make(root: Path) -> OriginServer:
+        srv = OriginServer(root).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+class AgentProc:
+    """A real agent process (``syncbit daemon --foreground``) with its own mount."""
+
+    def __init__(self, base: Path, **config) -> None:
+        self.base = base
+        self.mnt = base / "mnt"
+        self.cache = base / "cache"
+        self.sock = base / "agent.sock"
+        self.log_path = base / "agent.log"
+        self.config = {
+            "mountpoint": str(self.mnt), "cache_dir": str(self.cache), "socket": str(self.sock),
+            "node_name": "test-node", "min_free_disk": "0", "log_level": "DEBUG", **config,
+        }
+        self.config_path = base / "agent.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCBIT_")}
+        env["SYNCBIT_SOCKET"] = str(self.sock)
+        return env
+
+    def start(self, wait: bool = True) -> AgentProc:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "syncbit", "daemon", "--foreground", "--config", str(self.config_path)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env(),
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            if self.sock.exists() and os.path.ismount(self.mnt):
+                r = self.cli("status", check=False)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"agent did not come up:\n{self.log()}")
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "syncbit", *args], env=self.env(), capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"syncbit {' '.join(args)} exited {r.returncode}:\n{r.stderr}\n--- agent log ---\n"
+                                 f"{self.log()[-4000:]}")
+        return r
+
+    def status(self) -> dict:
+        import json
+
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def dataset(self, name: str) -> dict:
+        return next(d for d in self.status()["datasets"] if d["name"] == name)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _force_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    agents: list[AgentProc] = []
+
+    def make(name: str = "agent", start: bool = True, **config) -> AgentProc:
+        base = tmp_path / name
+        base.mkdir(exist_ok=True)
+        a = AgentProc(base, **config)
+        agents.append(a)
+        return a.start() if start else a
+
+    yield make
+    for a in agents:
+        a.stop()
+        _force_unmount(a.mnt)
+        # Unexpected crashes show up as tracebacks in the agent's log.
+        assert "Traceback" not in a.log(), a.log()[-6000:]
