@@ -110,3 +110,38 @@ def _subclasses(cls):
 
 _BY_NAME = {c.__name__: c for c in _subclasses(SyncbitError)}
 _BY_NAME["SyncbitError"] = SyncbitError
+
+
+def unwrap_group(error: BaseException) -> BaseException:
+    """The error to report from a nursery's ExceptionGroup: the first SyncbitError, else the first leaf."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(error)
+    return next((e for e in leaves if isinstance(e, SyncbitError)), leaves[0])
+
+
+class collapse_groups:
+    """Context manager: re-raise a nursery's ExceptionGroup as its most telling single error.
+
+    Sibling tasks of a nursery fail together for one cause; callers and users
+    want that cause (SourceNotFound, SourceChanged), not a group.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, value, tb):
+        if isinstance(value, BaseExceptionGroup):
+            err = unwrap_group(value)
+            if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
+                raise err from value
+        return False

@@ -15,7 +15,7 @@ import trio
 from ..cache import BlockCache
 from ..config import AgentConfig, DatasetSpec
 from ..errors import (
-    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError,
+    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError, collapse_groups,
 )
 from ..fetch import Fetcher
 from ..fs.fuse import SyncbitFS, fuse_options
@@ -41,7 +41,9 @@ def check_dataset_name(name: str) -> str:
 
 
 def default_name(uri: str) -> str:
-    tail = uri.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    from urllib.parse import unquote
+
+    tail = unquote(uri.rstrip("/").rsplit("/", 1)[-1]) or "dataset"
     tail = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-.") or "dataset"
     return tail[:128]
 
@@ -196,9 +198,11 @@ class Agent:
         if existing is not None and existing is not ds and existing.prefetch_scope:
             existing.prefetch_scope.cancel()
         self.datasets[name] = ds
-        if ds.snapshot is None or ds.snapshot.id != snap.id:
+        new_snapshot = ds.snapshot is None or ds.snapshot.id != snap.id
+        if new_snapshot:
             if ds.prefetch_scope is not None:
                 ds.prefetch_scope.cancel()
+                ds.prefetch_scope = None
             self.cache.index.add_snapshot(snap)
             ds.snapshot = snap
             ds.set_state(PENDING)
@@ -210,13 +214,14 @@ class Agent:
         self._save(ds)
         self.cache.index.gc_snapshots()
         if ds.pinned and (ds.prefetch_scope is None or ds.state == FAILED):
-            self.start_prefetch(ds)
+            self.start_prefetch(ds)  # not when one is already running for this snapshot
         return ds
 
     def _invalidate(self, name: str) -> None:
         if self._mounted:
-            # Tell the kernel the dataset's directory entry changed.
-            self._nursery.start_soon(_invalidate_entry, name)
+            # Tell the kernel the dataset's directory entry changed (queued to
+            # pyfuse3's own thread: no deadlock with requests in progress).
+            pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(name), ignore_enoent=True)
 
     def _save(self, ds: DatasetState) -> None:
         self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
@@ -235,29 +240,38 @@ class Agent:
         self._nursery.start_soon(self._prefetch, ds, scope)
 
     async def _prefetch(self, ds: DatasetState, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._prefetch_snapshot(ds)
+        finally:
+            if ds.prefetch_scope is scope:
+                ds.prefetch_scope = None
+
+    async def _prefetch_snapshot(self, ds: DatasetState) -> None:
         snap = ds.snapshot
-        with scope:
-            ds.set_state(SYNCING)
-            self._save(ds)
-            source = self.source_for(snap)
-            work = self._missing_blocks(snap)
-            try:
+        ds.set_state(SYNCING)
+        self._save(ds)
+        source = self.source_for(snap)
+        work = self._missing_blocks(snap)
+        try:
+            with collapse_groups():
                 async with trio.open_nursery() as nursery:
                     for _ in range(self.config.prefetch_concurrency):
                         nursery.start_soon(self._prefetch_worker, source, work)
-            except SyncbitError as e:
-                hint = " (run 'syncbit pull' again to take a new snapshot)" if isinstance(e, SourceChanged) else ""
-                ds.set_state(FAILED, f"{e}{hint}")
-                self._save(ds)
-                log.error("dataset %s failed: %s", ds.name, e)
-                return
-            if ds.snapshot is snap:
-                ds.set_state(READY if self.missing_bytes(snap) == 0 else FAILED,
-                             None if self.missing_bytes(snap) == 0 else "blocks were evicted during prefetch")
-                self._save(ds)
-                log.info("dataset %s is %s", ds.name, ds.state)
-        if ds.prefetch_scope is scope:
-            ds.prefetch_scope = None
+        except SyncbitError as e:
+            hint = " (run 'syncbit pull' again to take a new snapshot)" if isinstance(e, SourceChanged) else ""
+            ds.set_state(FAILED, f"{e}{hint}")
+            self._save(ds)
+            log.error("dataset %s failed: %s", ds.name, e)
+            return
+        missing = self.missing_bytes(snap)
+        # Eviction never takes pinned blocks, but a full disk can refuse some.
+        if missing:
+            ds.set_state(FAILED, f"{missing} bytes still missing")
+        else:
+            ds.set_state(READY)
+        self._save(ds)
+        log.info("dataset %s is %s", ds.name, ds.state)
 
     def _missing_blocks(self, snap: Snapshot):
         bs = self.config.block_size
@@ -343,10 +357,3 @@ class Agent:
             "source_bytes": self.fetcher.bytes_from_source,
             "datasets": [self.dataset_status(ds) for ds in sorted(self.datasets.values(), key=lambda d: d.name)],
         }
-
-
-async def _invalidate_entry(name: str) -> None:
-    try:
-        await pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(name))
-    except OSError:
-        pass

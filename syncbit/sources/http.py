@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from html.parser import HTMLParser
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpx
 import trio
 
 from ..errors import (
     AccessDenied, HostileName, MalformedURI, SourceChanged, SourceError, SourceNotFound, TemporarySourceError,
+    collapse_groups,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
 from .base import Sink, Source
@@ -46,6 +47,52 @@ class _Links(HTMLParser):
             for k, v in attrs:
                 if k == "href" and v is not None:
                     self.hrefs.append(v)
+
+
+def _segments(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
+def index_link(root, page: str, href: str) -> tuple[str, bool] | None:
+    """Judge one link of an index page.
+
+    Returns (path relative to the dataset root, is a directory) for a direct
+    child of ``page``; None for links to skip (parent, self, column sorting);
+    raises HostileName for anything else: index pages list their children,
+    so a link elsewhere (``../../x``, ``/etc/passwd``, another host, an
+    encoded ``/`` or ``..`` in a name) is a listing not to be trusted.
+    """
+    href = href.split("#", 1)[0]
+    if not href or href.startswith("?"):
+        return None  # fragments, Apache's column-sorting links
+    parts = urlsplit(href)
+    if parts.scheme or parts.netloc:
+        if (parts.scheme, parts.netloc) != (root.scheme, root.netloc):
+            raise HostileName(f"index page {page} links outside the origin: {href!r}")
+    if parts.query:
+        return None
+    page_segs = _segments(urlsplit(page).path)
+    stack = [] if parts.path.startswith("/") else list(page_segs)
+    for seg in parts.path.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not stack:
+                raise HostileName(f"index page {page} links outside the dataset root (above the origin's root): {href!r}")
+            stack.pop()
+        else:
+            stack.append(seg)
+    if stack == page_segs or stack == page_segs[:-1]:
+        return None  # self and "Parent Directory"
+    if stack[:-1] != page_segs:
+        raise HostileName(f"index page {page} links outside its directory (escaping the dataset root?): {href!r}")
+    name = unquote(stack[-1])
+    if "/" in name or name in (".", ".."):
+        raise HostileName(f"index page {page} has a link escaping the dataset root: {href!r}")
+    rel_dir = "/".join(unquote(s) for s in page_segs[len(_segments(root.path)):])
+    rel = f"{rel_dir}/{name}" if rel_dir else name
+    safe_relpath(rel)
+    return rel, parts.path.endswith("/")
 
 
 def _status_error(status: int, url: str) -> Exception:
@@ -152,28 +199,12 @@ class HttpSource(Source):
                 raise SourceError(f"index pages under {root} nest deeper than {MAX_DEPTH} levels")
             parser = _Links()
             parser.feed(await self._get_index(page))
-            page_parts = urlsplit(page)
-            parent = urljoin(page, "..")
             for href in parser.hrefs:
-                href = href.split("#", 1)[0]
-                if not href or href.startswith("?"):
-                    continue  # column-sorting links (Apache), fragments
-                target = urljoin(page, href)
-                tparts = urlsplit(target)
-                if (tparts.scheme, tparts.netloc) != (root_parts.scheme, root_parts.netloc):
-                    raise HostileName(f"index page {page} links outside the origin: {href!r}")
-                if target == page or (target == parent and page_parts.path != "/"):
-                    continue  # "Parent Directory" and self links
-                if tparts.query:
+                link = index_link(root_parts, page, href)
+                if link is None:
                     continue
-                if not tparts.path.startswith(root_parts.path):
-                    raise HostileName(f"index page {page} links outside the dataset root: {href!r}")
-                rel = unquote(tparts.path[len(root_parts.path):])
-                is_dir = rel.endswith("/")
-                rel = rel.rstrip("/") if is_dir else rel
-                if not rel:
-                    continue
-                safe_relpath(rel)  # raises HostileName for ../, NUL, empty parts
+                rel, is_dir = link
+                target = urljoin(root, quote(rel) + ("/" if is_dir else ""))
                 if is_dir:
                     if target not in seen:
                         seen.add(target)
@@ -212,9 +243,10 @@ class HttpSource(Source):
                 mtime=_mtime(r.headers),
             )
 
-        async with trio.open_nursery() as nursery:
-            for rel, url in urls.items():
-                nursery.start_soon(stat_one, rel, url)
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                for rel, url in urls.items():
+                    nursery.start_soon(stat_one, rel, url)
         return [entries[k] for k in sorted(entries)]
 
     # -- bytes -----------------------------------------------------------
