@@ -1,0 +1,165 @@
+"""Cache behaviour seen through a real mount: crash and resume, quota and pins, dedup, file sources, mmap."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+
+import pytest
+
+from tests.conftest import write_tree
+
+BS = 64 * 1024
+
+
+def _data(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _wait(pred, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _drop_page_cache():
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def test_kill9_mid_pull_then_resume_without_refetching(tmp_path, origin_factory, agent_factory):
+    data = _data(1, 200 * BS)
+    write_tree(tmp_path / "src", {"shard.bin": data, "small.bin": data[:777]})
+    origin = origin_factory(tmp_path / "src")
+    origin.rate = 2 * 1024 * 1024  # ~6 s for the whole file: room to kill mid-pull
+    agent = agent_factory(block_size=BS, prefetch_concurrency=2)
+    agent.cli("pull", origin.url, "--name", "crash", "--no-wait")
+    _wait(lambda: agent.dataset("crash")["bytes_cached"] > len(data) // 4, what="a quarter of the pull")
+    agent.kill9()
+    time.sleep(0.5)  # let the origin's threads notice the dead connections
+    sent_before = origin.bytes_sent
+    cached_blocks = sum(1 for _ in (agent.cache / "blocks").rglob("*") if _.is_file())
+    assert 0 < sent_before < len(data)
+
+    origin.rate = None
+    agent.start()  # cleans the stale mount, reconciles the cache, resumes the pinned pull
+    _wait(lambda: agent.dataset("crash")["state"] == "ready", what="resume to finish")
+    assert (agent.mnt / "crash" / "shard.bin").read_bytes() == data
+    assert (agent.mnt / "crash" / "small.bin").read_bytes() == data[:777]
+    # The resume fetched only what was missing: total origin bytes stay below
+    # one copy plus what was in flight when the agent died.
+    in_flight_allowance = 2 * 16 * BS  # two prefetch runs of 16 blocks
+    assert origin.bytes_sent <= len(data) + 777 + in_flight_allowance
+    assert origin.bytes_sent - sent_before <= len(data) + 777 - (cached_blocks - 1) * BS
+    # No temp file or unverified block survived the crash.
+    assert not [p for p in (agent.cache / "blocks").rglob(".tmp-*")]
+
+
+def test_corrupt_block_after_crash_is_not_served(tmp_path, origin_factory, agent_factory):
+    data = _data(2, 10 * BS)
+    write_tree(tmp_path / "src", {"f.bin": data})
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", origin.url, "--name", "c")
+    agent.kill9()
+    # Damage one block file in place, as a torn write on a lying disk would.
+    victim = sorted((agent.cache / "blocks").rglob("*"))[-1]
+    assert victim.is_file()
+    with open(victim, "r+b") as f:
+        f.write(b"\0" * 100)
+    agent.start()
+    assert (agent.mnt / "c" / "f.bin").read_bytes() == data
+    assert "at-rest checksum" in agent.log()
+
+
+def test_small_quota_evicts_unpinned_and_keeps_pinned(tmp_path, origin_factory, agent_factory):
+    pinned = _data(3, 12 * BS)
+    lazy = _data(4, 40 * BS)
+    write_tree(tmp_path / "p", {"p.bin": pinned})
+    write_tree(tmp_path / "l", {"l.bin": lazy})
+    op, ol = origin_factory(tmp_path / "p"), origin_factory(tmp_path / "l")
+    agent = agent_factory(block_size=BS, cache_quota=str(24 * BS), cache_high_watermark=0.9,
+                          cache_low_watermark=0.5, readahead="0")
+    agent.cli("pull", op.url, "--name", "pinned")
+    agent.cli("pull", ol.url, "--name", "lazy", "--no-wait")
+    agent.cli("evict", "lazy")  # unpinned: only reads bring its blocks in
+    # Read the unpinned dataset (40 blocks) through a cache of 24 blocks.
+    for _ in range(2):
+        assert (agent.mnt / "lazy" / "l.bin").read_bytes() == lazy
+        _drop_page_cache()
+    st = agent.status()
+    assert st["cache"]["evicted_blocks"] > 0
+    assert st["cache"]["bytes"] <= 24 * BS + 8 * BS  # back under quota (+ blocks held by open files)
+    # Every pinned byte is still in the cache: reading it costs the origin nothing.
+    sent = op.bytes_sent
+    assert (agent.mnt / "pinned" / "p.bin").read_bytes() == pinned
+    assert op.bytes_sent == sent
+    assert agent.dataset("pinned")["bytes_cached"] == len(pinned)
+
+
+def test_identical_files_across_datasets_stored_once(tmp_path, origin_factory, agent_factory):
+    shared = _data(5, 16 * BS)
+    write_tree(tmp_path / "a", {"weights.bin": shared, "a-only.txt": b"a"})
+    write_tree(tmp_path / "b", {"copy/weights.bin": shared, "b-only.txt": b"b"})
+    oa, ob = origin_factory(tmp_path / "a"), origin_factory(tmp_path / "b")
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", oa.url, "--name", "a")
+    before = agent.status()["cache"]
+    agent.cli("pull", ob.url, "--name", "b")
+    after = agent.status()["cache"]
+    assert (agent.mnt / "b" / "copy" / "weights.bin").read_bytes() == shared
+    # Only b-only.txt's block is new; the shared file's 16 blocks are stored once.
+    assert after["blocks"] == before["blocks"] + 1
+    assert after["bytes"] == before["bytes"] + 1
+
+
+def test_file_source_plain_path_and_change_detection(tmp_path, agent_factory):
+    src = write_tree(tmp_path / "nfs" / "set", {
+        "part-0.csv": b"x,y\n" + b"1,2\n" * 40000,
+        "nested/dir/part-1.csv": b"x,y\n" + b"3,4\n" * 100,
+        "with space ✓.txt": b"ok",
+        "empty": b"",
+    })
+    agent = agent_factory(block_size=BS)
+    out = agent.cli("pull", str(src), "--name", "nfs").stdout.strip()
+    assert out == str(agent.mnt / "nfs")
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (agent.mnt / "nfs" / p.relative_to(src)).read_bytes() == p.read_bytes()
+    # file:// URIs work the same way.
+    agent.cli("pull", f"file://{src}/nested/", "--name", "nested")
+    assert (agent.mnt / "nested" / "dir" / "part-1.csv").read_bytes() == (src / "nested/dir/part-1.csv").read_bytes()
+    # A file rewritten under a pinned snapshot is detected, never mixed in.
+    agent.cli("evict", "nfs")
+    big = src / "part-0.csv"
+    big.write_bytes(b"changed" * 1000)
+    _drop_page_cache()  # what the kernel kept from the earlier read is still right; we want a fetch
+    with pytest.raises(OSError):
+        (agent.mnt / "nfs" / "part-0.csv").read_bytes()
+    assert "changed since the snapshot was pinned" in agent.log()
+
+
+def test_missing_local_path(tmp_path, agent_factory):
+    agent = agent_factory()
+    r = agent.cli("pull", str(tmp_path / "does-not-exist"), "--name", "x", check=False)
+    assert r.returncode == 6 and "no such file or directory" in r.stderr
+
+
+def test_safetensors_mmap_through_the_mount(tmp_path, origin_factory, agent_factory):
+    np = pytest.importorskip("numpy")
+    st = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    tensors = {"embed": np.arange(300_000, dtype=np.float32).reshape(600, 500), "bias": np.ones(7, np.float16)}
+    (tmp_path / "src").mkdir()
+    st.save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", origin.url, "--name", "m", "--no-wait")  # lazy: mmap faults fetch blocks
+    with safe_open(str(agent.mnt / "m" / "model.safetensors"), framework="numpy") as f:
+        assert sorted(f.keys()) == ["bias", "embed"]
+        assert (f.get_tensor("embed") == tensors["embed"]).all()
+        assert (f.get_tensor("bias") == tensors["bias"]).all()
