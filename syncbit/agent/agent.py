@@ -233,6 +233,12 @@ class Agent:
         except KeyError:
             raise DatasetNotFound(f"no dataset named {name!r} on this agent") from None
 
+    def pin(self, ds: DatasetState) -> None:
+        """Pin a dataset and fetch what is missing of its current snapshot."""
+        ds.pinned = True
+        self._save(ds)
+        self.start_prefetch(ds)
+
     def start_prefetch(self, ds: DatasetState) -> None:
         if ds.prefetch_scope is not None:
             ds.prefetch_scope.cancel()

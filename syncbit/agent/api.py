@@ -66,8 +66,7 @@ def build_app(agent: Agent) -> Starlette:
     async def prefetch(request: Request):
         try:
             ds = agent.get(request.path_params["name"])
-            ds.pinned = True
-            agent.start_prefetch(ds)
+            agent.pin(ds)
             return JSONResponse(agent.dataset_status(ds))
         except SyncbitError as e:
             return _error(e)

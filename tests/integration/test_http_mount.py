@@ -196,3 +196,27 @@ def test_cli_without_agent_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "syncbit", "status"], env=env, capture_output=True, text=True)
     assert r.returncode == 10
     assert "no agent is listening" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evict_then_prefetch_and_revision_path(tmp_path, origin_factory, agent_factory):
+    files = make_dataset(tmp_path / "src", seed=9)
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", origin.url, "--name", "ev")
+    freed = agent.cli("evict", "ev").stdout
+    assert "freed" in freed
+    st = agent.dataset("ev")
+    assert st["bytes_cached"] == 0 and st["pinned"] is False
+    # Still readable: evicted blocks come back on demand.
+    rel = "model-00002-of-00002.safetensors"
+    assert (agent.mnt / "ev" / rel).read_bytes() == files[rel]
+    # prefetch pins it again and fills it; SYNCBIT_CONFIG finds the socket too.
+    env = {k: v for k, v in agent.env().items() if k != "SYNCBIT_SOCKET"}
+    env["SYNCBIT_CONFIG"] = str(agent.config_path)
+    r = subprocess.run([sys.executable, "-m", "syncbit", "prefetch", "ev"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    st = agent.dataset("ev")
+    assert st["state"] == "ready" and st["pinned"] and st["bytes_cached"] == st["bytes_total"]
+    # The pinned snapshot is also reachable by its revision.
+    assert (agent.mnt / f"ev@{st['revision']}" / rel).read_bytes() == files[rel]
+    assert not (agent.mnt / "ev@nonsense").exists()
