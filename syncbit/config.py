@@ -54,6 +54,8 @@ class AgentConfig:
     read_concurrency: int = 8
     # A read that cannot be served within this time gets EIO.
     fetch_deadline: float = 60.0
+    # Blocks written are made durable (syncfs) in a group commit this often.
+    commit_interval: float = 5.0
     # Kernel readahead window for the mount (read_ahead_kb of its bdi).
     kernel_read_ahead_kb: int = 4096
     log_level: str = "INFO"
@@ -66,7 +68,7 @@ class AgentConfig:
 
 
 _SIZE_KEYS = {"min_free_disk", "block_size", "readahead"}
-_DURATION_KEYS = {"fetch_deadline"}
+_DURATION_KEYS = {"fetch_deadline", "commit_interval"}
 _INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb"}
 _FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}
 _FIELDS = {f.name for f in dataclasses.fields(AgentConfig)}
@@ -79,18 +81,23 @@ def _convert(key: str, value: Any) -> Any:
         return parse_duration(value, key=key)
     if key in _INT_KEYS:
         try:
-            return int(value)
-        except (TypeError, ValueError):
+            n = int(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if n < 1 and key != "kernel_read_ahead_kb" or n < 0:
+            raise ConfigError(f"{key}: must be at least {0 if key == 'kernel_read_ahead_kb' else 1}, got {n}")
+        return n
     if key in _FLOAT_KEYS:
         try:
             v = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if not 0 < v <= 1:
             raise ConfigError(f"{key}: must be in (0, 1], got {v}")
         return v
     if key == "cache_quota":
+        if isinstance(value, float) and 0 < value <= 1:
+            return value  # a share of the filesystem, as the default 0.8 is
         s = str(value).strip()
         if s.endswith("%"):
             try:
@@ -103,7 +110,11 @@ def _convert(key: str, value: Any) -> Any:
         return parse_size(value, key=key)
     if key == "labels":
         if isinstance(value, str):  # env form: "gpu=h100,zone=a"
-            value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+            items = [kv for kv in value.split(",") if kv]
+            bad = [kv for kv in items if "=" not in kv]
+            if bad:
+                raise ConfigError(f"labels: expected key=value items, got {', '.join(bad)}")
+            value = dict(kv.split("=", 1) for kv in items)
         if not isinstance(value, Mapping):
             raise ConfigError("labels: expected a mapping of label -> value")
         return {str(k): str(v) for k, v in value.items()}
@@ -135,11 +146,13 @@ def load_agent_config(
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path} is not valid YAML: {e}") from None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config {path}: expected a mapping at the top level")
-        unknown = set(raw) - _FIELDS
+        unknown = {str(k) for k in raw} - _FIELDS
         if unknown:
             raise ConfigError(f"config {path}: unknown keys: {', '.join(sorted(unknown))}")
         values.update(raw)

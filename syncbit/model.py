@@ -47,7 +47,7 @@ def safe_relpath(name: str) -> str:
             raise HostileName(f"file name escaping the dataset root from source: {name!r}")
         if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise HostileName(f"file name component longer than {NAME_MAX} bytes from source: {part[:40]!r}...")
-    if len(name.encode("utf-8", "surrogateescape")) > PATH_MAX:
+    if len(name.encode("utf-8", "surrogateescape")) >= PATH_MAX:  # PATH_MAX counts the NUL
         raise HostileName(f"path longer than {PATH_MAX} bytes from source: {name[:40]!r}...")
     return name
 
@@ -144,7 +144,7 @@ class Manifest:
     def complete(self) -> bool:
         return all(
             len(self.blocks.get(f.file_object, ())) == block_count(f.size, self.block_size)
-            and all(self.blocks[f.file_object])
+            and all(self.blocks.get(f.file_object, ()))
             for f in self.snapshot.files
         )
 

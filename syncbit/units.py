@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
@@ -15,22 +16,32 @@ _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 
 _NUM = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 
 
+def _finite(n: float, key: str, value) -> float:
+    if not math.isfinite(n) or n < 0 or n > 2**63:
+        raise ConfigError(f"{key}: {value!r} is not a usable non-negative number")
+    return n
+
+
 def parse_size(value: str | int | float, *, key: str = "size") -> int:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(_finite(float(value), key, value))
     m = _NUM.match(str(value))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ConfigError(f"{key}: cannot parse size {value!r} (examples: 4MiB, 500GiB, 1073741824)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return int(_finite(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()], key, value))
 
 
 def parse_duration(value: str | int | float, *, key: str = "duration") -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        return _finite(float(value), key, value)
     m = _NUM.match(str(value))
     if not m or m.group(2).lower() not in _DURATION_UNITS:
         raise ConfigError(f"{key}: cannot parse duration {value!r} (examples: 5s, 2m, 500ms)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    return _finite(float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()], key, value)
 
 
 def format_size(n: float) -> str:

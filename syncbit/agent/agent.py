@@ -54,7 +54,7 @@ class Agent:
         self.cache = BlockCache(
             config.cache_path, quota=config.cache_quota,
             high_watermark=config.cache_high_watermark, low_watermark=config.cache_low_watermark,
-            min_free_disk=config.min_free_disk,
+            min_free_disk=config.min_free_disk, commit_interval=config.commit_interval,
         )
         self.fetcher = Fetcher(
             self.cache, block_size=config.block_size, deadline=config.fetch_deadline,
@@ -283,12 +283,16 @@ class Agent:
         bs = self.config.block_size
         for entry in snap.files:
             for idx in range(block_count(entry.size, bs)):
-                if self.cache.present_block(entry.file_object, idx) is None:
+                if self.cache.present_block(entry.file_object, idx) is None and not self.fetcher.in_flight(entry, idx):
                     yield entry, idx
 
     async def _prefetch_worker(self, source: Source, work) -> None:
-        for entry, idx in work:
-            await self.fetcher.prefetch_run(source, entry, idx, _PREFETCH_RUN_BLOCKS)
+        while True:
+            async with self.fetcher.prefetch_limiter:
+                item = next(work, None)
+                if item is None:
+                    return
+                await self.fetcher.prefetch_run(source, item[0], item[1], _PREFETCH_RUN_BLOCKS)
 
     async def evict(self, name: str) -> int:
         """Unpin a dataset and drop its cached blocks that no other pinned dataset uses."""

@@ -53,6 +53,7 @@ class BlockCache:
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
         min_free_disk: int = 0,
+        commit_interval: float = 5.0,
     ) -> None:
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,8 @@ class BlockCache:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.min_free_disk = min_free_disk
+        # Group commit: blocks become durable (syncfs) at most this long after being written.
+        self.commit_interval = commit_interval
         self._present: dict[str, int] = {}
         self._fo_blocks: dict[str, dict[int, str]] = {}
         self._in_use: Counter[str] = Counter()
@@ -71,7 +74,8 @@ class BlockCache:
         self.misses = 0
         self.evicted_blocks = 0
         self._pressure = trio.Event()
-        self._io = trio.CapacityLimiter(4)  # threads writing/fsyncing blocks
+        self._io = trio.CapacityLimiter(4)  # threads hashing, writing and syncing blocks
+        self._uncommitted = False
 
     # -- start and stop ----------------------------------------------------
 
@@ -79,7 +83,7 @@ class BlockCache:
         """Reconcile the index with the block files (blocking; run before serving)."""
         started = self.dir / _STARTED_MARK
         clean = (self.dir / _CLEAN_MARK).exists() or not started.exists()  # or a new cache
-        last_start = started.stat().st_mtime if started.exists() else 0.0
+        durable_before = float(self.index.get_meta("durable_before", "0"))
         (self.dir / _CLEAN_MARK).unlink(missing_ok=True)
         started.touch()
         indexed = self.index.block_sizes()
@@ -103,8 +107,9 @@ class BlockCache:
                 else:
                     self.store.remove(bid)
         if not clean:
-            # After a crash, check blocks written since the previous start.
-            bad = [b for b, c in self.index.checksums_since(last_start) if not self.store.verify(b, c)]
+            # After a crash, blocks written since the last group commit may be
+            # torn if the machine went down: check them before serving any.
+            bad = [b for b, c in self.index.checksums_since(durable_before) if not self.store.verify(b, c)]
             if bad:
                 log.error("dropping %d cached blocks that fail their at-rest checksum", len(bad))
                 for b in bad:
@@ -119,8 +124,20 @@ class BlockCache:
 
     def close(self) -> None:
         self.flush_access()
+        self.store.sync()
+        self.index.set_meta("durable_before", str(time.time()))
         self.index.close()
         (self.dir / _CLEAN_MARK).touch()
+
+    async def commit(self) -> None:
+        """Group commit: make the blocks written so far durable and record up to when."""
+        if not self._uncommitted:
+            return
+        self._uncommitted = False
+        t0 = time.time()
+        await trio.to_thread.run_sync(self.store.sync, limiter=self._io)
+        # Rows created before t0 were renamed before syncfs started: durable.
+        self.index.set_meta("durable_before", str(t0))
 
     # -- sizes -----------------------------------------------------------
 
@@ -187,6 +204,7 @@ class BlockCache:
         self._check_space(len(data))
         bid, checksum = await trio.to_thread.run_sync(self.store.write, data, expected, limiter=self._io)
         if bid not in self._present:
+            self._uncommitted = True
             self.index.add_block(bid, len(data), checksum, time.time())
             self._present[bid] = len(data)
             self.bytes += len(data)
@@ -232,12 +250,13 @@ class BlockCache:
         self.evicted_blocks += len(ids)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Service: flush access statistics and evict down to the low watermark under pressure."""
+        """Service: group commits, access statistics, eviction down to the low watermark under pressure."""
         task_status.started()
         while True:
-            with trio.move_on_after(5):
+            with trio.move_on_after(self.commit_interval):
                 await self._pressure.wait()
             self._pressure = trio.Event()
+            await self.commit()
             self.flush_access()
             q = self.quota
             st = os.statvfs(self.dir)

@@ -68,6 +68,13 @@ class Index:
                     self.db.execute(stmt)
                 meta.upsert({"key": "schema", "value": str(v)}, pk="key")
 
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     # -- blocks ------------------------------------------------------------
 
     def block_sizes(self) -> dict[str, int]:

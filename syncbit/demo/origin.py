@@ -38,6 +38,7 @@ class OriginServer(ThreadingHTTPServer):
         self.bytes_sent = 0
         self.gets = 0
         self._lock = threading.Lock()
+        self._conns: set = set()
         super().__init__((host, port), _Handler)
 
     @property
@@ -60,9 +61,27 @@ class OriginServer(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="origin", daemon=True).start()
         return self
 
+    def process_request(self, request, client_address):
+        with self._lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
     def stop(self) -> None:
+        """Stop listening and cut every open connection (keep-alive ones too): the origin is gone."""
         self.shutdown()
         self.server_close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(2)
+            except OSError:
+                pass
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import trio
 
 from ..cache import BlockCache
-from ..errors import BlockCorrupt, FetchFailed, SourceChanged, SyncbitError
+from ..errors import BlockCorrupt, FetchFailed, SourceChanged, SyncbitError, collapse_groups
 from ..model import FileEntry, block_count, block_span
 from ..sources.base import Source
 from ..sources.retry import Retrier
 
 log = logging.getLogger(__name__)
+
+# Blocks of one run being stored (hashed, written, fsynced) while more arrive.
+STORES_PER_RUN = 4
 
 
 @dataclass
@@ -89,14 +92,19 @@ class Fetcher:
                 self.start_run(source, entry, i, self._run_end(source, entry, i, end - i), self.read_limiter)
                 return
 
-    async def prefetch_run(self, source: Source, entry: FileEntry, idx: int, max_blocks: int) -> int:
-        """Fetch missing blocks from ``idx`` in this task; returns the next index to look at."""
-        async with self.prefetch_limiter:
-            claimed = self._claim(entry, idx, self._run_end(source, entry, idx, max_blocks))
-            if not claimed:
-                return idx + 1
+    async def prefetch_run(self, source: Source, entry: FileEntry, idx: int, max_blocks: int) -> None:
+        """Fetch the missing blocks from ``idx`` on (up to ``max_blocks``) in this task.
+
+        The caller holds ``prefetch_limiter`` around choosing ``idx`` and this
+        call, so that runs are claimed in order and stay long (trio schedules
+        tasks in random order).
+        """
+        claimed = self._claim(entry, idx, self._run_end(source, entry, idx, max_blocks))
+        if claimed:
             await self._fetch(source, entry, claimed)
-            return claimed[-1] + 1
+
+    def in_flight(self, entry: FileEntry, idx: int) -> bool:
+        return (entry.file_object, idx) in self._flights
 
     def start_run(self, source: Source, entry: FileEntry, idx: int, end: int, limiter: trio.CapacityLimiter) -> None:
         assert self._nursery is not None, "Fetcher.run must be started first"
@@ -127,63 +135,90 @@ class Fetcher:
         try:
             async with limiter:
                 await self._fetch(source, entry, claimed)
-        except SyncbitError:
-            pass  # already delivered to the waiters and logged
+        except Exception:
+            pass  # already logged and delivered to the waiters; the service goes on
 
     async def _fetch(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
-        """Fetch the contiguous blocks ``claimed`` and settle their flights."""
-        pending = list(claimed)
+        """Fetch the contiguous blocks ``claimed`` and settle their flights.
+
+        The stream is cut into blocks by ``_fetch_once``; each block is stored
+        (hash, write, fsync, rename: in a thread) by its own task so that
+        storing overlaps receiving, at most ``STORES_PER_RUN`` blocks at once.
+        """
+        todo = list(claimed)  # blocks not yet received; a retry resumes at todo[0]
         retrier = Retrier(source.is_temporary, what=f"fetching {entry.path}")
+        slots = trio.Semaphore(STORES_PER_RUN)
         self.runs += 1
         try:
-            with trio.move_on_after(self.deadline) as scope:
-                await retrier.run(lambda: self._fetch_once(source, entry, pending))
-            if scope.cancelled_caught:
-                raise FetchFailed(
-                    f"{entry.path}: block {pending[0]} not fetched within {self.deadline:.0f}s: {retrier.last_error}"
-                )
+            stream_error: Exception | None = None
+            with collapse_groups():
+                async with trio.open_nursery() as stores:
+                    # A failed stream must not cancel the stores of blocks that
+                    # arrived whole before it: keep its error until they finish.
+                    try:
+                        with trio.move_on_after(self.deadline) as scope:
+                            await retrier.run(lambda: self._fetch_once(source, entry, todo, stores, slots))
+                        if scope.cancelled_caught:
+                            raise FetchFailed(
+                                f"{entry.path}: block {todo[0]} not fetched within {self.deadline:.0f}s: "
+                                f"{retrier.last_error}"
+                            )
+                    except Exception as e:
+                        stream_error = e
+            if stream_error is not None:
+                raise stream_error
         except BaseException as e:
             err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
             if isinstance(e, Exception):
-                log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, pending[0], pending[-1], err)
-            for i in pending:
-                flight = self._flights.pop((entry.file_object, i))
-                # A cancelled run leaves no error: waiters simply claim again.
-                flight.error = err if isinstance(e, Exception) else None
-                flight.event.set()
+                log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, claimed[0], claimed[-1], err)
+            for i in claimed:
+                flight = self._flights.pop((entry.file_object, i), None)
+                if flight is not None:
+                    # A cancelled run leaves no error: waiters simply claim again.
+                    flight.error = err if isinstance(e, Exception) else None
+                    flight.event.set()
             raise
 
-    async def _fetch_once(self, source: Source, entry: FileEntry, pending: list[int]) -> None:
-        """One source request for ``pending`` (blocks done so far are removed from it)."""
-        first = pending[0]
-        start, _ = block_span(entry.size, self.block_size, first)
-        last_start, last_len = block_span(entry.size, self.block_size, pending[-1])
+    async def _fetch_once(self, source: Source, entry: FileEntry, todo: list[int], stores: trio.Nursery,
+                          slots: trio.Semaphore) -> None:
+        """One source request for the blocks in ``todo`` (received blocks leave it)."""
+        if entry.size == 0 or not todo:
+            return
+        start, _ = block_span(entry.size, self.block_size, todo[0])
+        last_start, last_len = block_span(entry.size, self.block_size, todo[-1])
         buf = bytearray()
 
-        async def sink(chunk: bytes) -> None:
-            buf.extend(chunk)
-            self.bytes_from_source += len(chunk)
-            while pending:
-                _, want = block_span(entry.size, self.block_size, pending[0])
-                if len(buf) < want:
-                    return
-                data = bytes(buf[:want])
-                del buf[:want]
-                await self._complete(entry, pending[0], data)
-                pending.pop(0)
+        def want() -> int:
+            return block_span(entry.size, self.block_size, todo[0])[1]
 
-        if entry.size == 0:
-            return
+        async def hand_off(data: bytes) -> None:
+            await slots.acquire()  # backpressure: bounded blocks in memory
+            stores.start_soon(self._complete, entry, todo.pop(0), data, slots)
+
+        async def sink(chunk: bytes) -> None:
+            self.bytes_from_source += len(chunk)
+            if not buf and todo and len(chunk) == want():
+                await hand_off(chunk)  # a chunk that is exactly a block: no copy
+                return
+            buf.extend(chunk)
+            while todo and len(buf) >= want():
+                n = want()
+                data = bytes(buf[:n])
+                del buf[:n]
+                await hand_off(data)
+
         await source.read_range(entry, start, last_start + last_len - start, sink)
-        if pending:
+        if todo:
             raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")
 
-    async def _complete(self, entry: FileEntry, idx: int, data: bytes) -> None:
+    async def _complete(self, entry: FileEntry, idx: int, data: bytes, slots: trio.Semaphore) -> None:
         expected = self.cache.known_blocks(entry.file_object).get(idx)
         try:
             await self.cache.put(entry.file_object, idx, data, expected)
         except BlockCorrupt as e:
             raise SourceChanged(f"{entry.locator} block {idx}: bytes differ from the ones recorded earlier ({e})") \
                 from None
+        finally:
+            slots.release()
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()

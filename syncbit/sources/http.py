@@ -9,6 +9,12 @@ refuses the whole listing: a listing that lies once cannot be trusted.
 Each file is pinned by its ETag, else Last-Modified, and its size. Every
 response is checked against them. Ranges are requested; an origin that answers
 200 instead is read from the start and the unwanted prefix skipped.
+
+Requests are made with urllib3 in worker threads, not with httpx on trio:
+measured on loopback, httpx on trio streams a body at ~230 MB/s with the trio
+thread busy, urllib3 in a thread at 3-4 GB/s with the GIL released in recv.
+Bodies reach the fetcher in 4 MiB chunks (the default block size), so a
+block usually arrives as one ``bytes`` without being copied again.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import time
 from html.parser import HTMLParser
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-import httpx
 import trio
+import urllib3
 
 from ..errors import (
     AccessDenied, HostileName, MalformedURI, SourceChanged, SourceError, SourceNotFound, TemporarySourceError,
@@ -35,6 +41,13 @@ MAX_INDEX_BYTES = 16 * 2**20
 MAX_DEPTH = 64
 _HEAD_CONCURRENCY = 16
 _RESOLVE_DEADLINE = 30.0
+_CHUNK = 4 * 2**20
+# Socket-level limits for the blocking client; the fetch deadline is the
+# caller's cancel scope, these only stop a thread waiting on a dead peer forever.
+_TIMEOUT = urllib3.Timeout(connect=10.0, read=30.0)
+# Redirects are followed; every other failure comes back to our own retries.
+_RETRIES = urllib3.Retry(total=10, connect=0, read=0, status=0, other=0, redirect=10, raise_on_status=False)
+_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "syncbit"}
 
 
 class _Links(HTMLParser):
@@ -105,7 +118,7 @@ def _status_error(status: int, url: str) -> Exception:
     return SourceError(f"source answered HTTP {status} for {url}")
 
 
-def _validator(headers: httpx.Headers) -> str:
+def _validator(headers) -> str:
     etag = headers.get("etag")
     if etag:
         return f"etag={etag}"
@@ -118,34 +131,33 @@ def _validator(headers: httpx.Headers) -> str:
 class HttpSource(Source):
     schemes = ("http", "https")
 
-    def __init__(self, uri: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, uri: str) -> None:
         super().__init__(uri)
-        self.client = client
         parts = urlsplit(uri)
         if not parts.netloc or not parts.hostname:
             raise MalformedURI(f"malformed URL {uri!r}: no host")
         if parts.query or parts.fragment:
             raise MalformedURI(f"URL {uri!r}: query strings and fragments are not supported in a source URI")
-
-    @classmethod
-    async def create(cls, uri: str) -> HttpSource:
-        client = httpx.AsyncClient(
-            follow_redirects=True,
-            timeout=httpx.Timeout(30.0, connect=10.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            headers={"Accept-Encoding": "identity", "User-Agent": "syncbit"},
-        )
-        try:
-            return cls(uri, client)
-        except BaseException:
-            await client.aclose()
-            raise
+        self.pool = urllib3.PoolManager(num_pools=8, maxsize=32, headers=_HEADERS, timeout=_TIMEOUT,
+                                        retries=_RETRIES)
+        self.limiter = trio.CapacityLimiter(32)  # threads with a request of this source in flight
+        self._ranges_ignored: set[str] = set()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        self.pool.clear()
 
     def is_temporary(self, error: BaseException) -> bool:
-        return isinstance(error, (TemporarySourceError, httpx.TransportError))
+        return isinstance(error, (TemporarySourceError, urllib3.exceptions.HTTPError))
+
+    def prefers_whole_file(self, entry: FileEntry) -> bool:
+        """True once the origin answered 200 to a Range request for this file."""
+        return entry.locator in self._ranges_ignored
+
+    async def _in_thread(self, fn, *args):
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except urllib3.exceptions.HTTPError as e:
+            raise TemporarySourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
 
     # -- listing ---------------------------------------------------------
 
@@ -163,7 +175,7 @@ class HttpSource(Source):
                 root = self.uri
             else:
                 head = await self._head(self.uri)
-                final = str(head.url)
+                final = head.geturl() or self.uri
                 if final.endswith("/") and head.headers.get("content-type", "").startswith("text/html"):
                     # /dir redirected to /dir/: a directory after all.
                     urls = await self._walk_index(final)
@@ -174,17 +186,21 @@ class HttpSource(Source):
                     urls = {name: self.uri}
                     root = None
             files = await self._stat_all(urls, root)
-        except httpx.TransportError as e:
+        except urllib3.exceptions.HTTPError as e:
             raise TemporarySourceError(f"cannot reach {self.uri}: {e!r}") from e
         revision = short_hash(*(f"{f.path}\0{f.size}\0{f.validator}" for f in files))
         return Snapshot(uri=self.uri, revision=revision, files=tuple(files), created=time.time())
 
-    async def _head(self, url: str) -> httpx.Response:
-        r = await self.client.head(url)
-        if r.status_code == 405:  # HEAD not allowed: a one-byte GET tells the same
-            r = await self.client.get(url, headers={"Range": "bytes=0-0"})
-        if r.status_code >= 400:
-            raise _status_error(r.status_code, url)
+    async def _head(self, url: str) -> urllib3.BaseHTTPResponse:
+        return await self._in_thread(self._head_sync, url)
+
+    def _head_sync(self, url: str) -> urllib3.BaseHTTPResponse:
+        r = self.pool.request("HEAD", url)
+        if r.status == 405:  # HEAD not allowed: a one-byte GET tells the same
+            r = self.pool.request("GET", url, headers={**_HEADERS, "Range": "bytes=0-0"}, preload_content=False)
+            r.close()  # only the headers matter; do not read a body an origin might send whole
+        if r.status >= 400:
+            raise _status_error(r.status, url)
         return r
 
     async def _walk_index(self, root: str) -> dict[str, str]:
@@ -214,15 +230,28 @@ class HttpSource(Source):
         return found
 
     async def _get_index(self, url: str) -> str:
-        async with self.client.stream("GET", url) as r:
-            if r.status_code >= 400:
-                raise _status_error(r.status_code, url)
+        return await self._in_thread(self._get_index_sync, url)
+
+    def _get_index_sync(self, url: str) -> str:
+        r = self.pool.request("GET", url, preload_content=False)
+        try:
+            if r.status >= 400:
+                raise _status_error(r.status, url)
             body = bytearray()
-            async for chunk in r.aiter_bytes():
+            for chunk in r.stream(1 << 16):
                 body += chunk
                 if len(body) > MAX_INDEX_BYTES:
                     raise SourceError(f"index page {url} is larger than {MAX_INDEX_BYTES} bytes")
-            return body.decode(r.encoding or "utf-8", errors="replace")
+        finally:
+            r.release_conn()
+        charset = "utf-8"
+        ctype = r.headers.get("content-type", "")
+        if "charset=" in ctype:
+            charset = ctype.split("charset=", 1)[1].split(";")[0].strip() or "utf-8"
+        try:
+            return body.decode(charset, errors="replace")
+        except LookupError:
+            return body.decode("utf-8", errors="replace")
 
     async def _stat_all(self, urls: dict[str, str], root: str | None) -> list[FileEntry]:
         entries: dict[str, FileEntry] = {}
@@ -252,44 +281,48 @@ class HttpSource(Source):
     # -- bytes -----------------------------------------------------------
 
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
-        if length <= 0:
-            return
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if length > 0:
+            await self._in_thread(self._read_range_sync, entry, offset, length, sink)
+
+    def _read_range_sync(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
+        # Runs in a worker thread; chunks go back to the trio thread's sink.
+        headers = {**_HEADERS, "Range": f"bytes={offset}-{offset + length - 1}"}
+        r = self.pool.request("GET", entry.locator, headers=headers, preload_content=False, decode_content=False)
         try:
-            async with self.client.stream("GET", entry.locator, headers=headers) as r:
-                if r.status_code >= 400:
-                    if r.status_code == 404:
-                        raise SourceChanged(f"{entry.locator} disappeared from the source since the snapshot")
-                    raise _status_error(r.status_code, entry.locator)
-                self._check(r, entry)
-                if r.status_code == 206:
-                    skip = offset - _range_start(r)
-                elif r.status_code == 200:
-                    skip = offset  # Range ignored: read from the start
-                else:
-                    raise SourceError(f"unexpected HTTP {r.status_code} for {entry.locator}")
-                remaining = length
-                async for chunk in r.aiter_raw():
-                    if skip:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk = chunk[skip:]
-                        skip = 0
-                    if len(chunk) > remaining:
-                        chunk = chunk[:remaining]
-                    await sink(chunk)
-                    remaining -= len(chunk)
-                    if not remaining:
-                        return
-                raise TemporarySourceError(
-                    f"{entry.locator}: body ended {remaining} bytes short of the requested range"
-                )
-        except httpx.TransportError as e:
-            raise TemporarySourceError(f"{entry.locator}: {type(e).__name__}: {e}") from e
+            if r.status >= 400:
+                if r.status == 404:
+                    raise SourceChanged(f"{entry.locator} disappeared from the source since the snapshot")
+                if r.status in (412, 416):  # a range past the end: the file shrank
+                    raise SourceChanged(f"{entry.locator} changed since the snapshot was pinned (HTTP {r.status})")
+                raise _status_error(r.status, entry.locator)
+            self._check(r, entry)
+            if r.status == 206:
+                skip = offset - _range_start(r)
+            elif r.status == 200:
+                skip = offset  # Range ignored: read from the start
+                self._ranges_ignored.add(entry.locator)
+            else:
+                raise SourceError(f"unexpected HTTP {r.status} for {entry.locator}")
+            remaining = length
+            while skip:
+                chunk = r.read(min(skip, _CHUNK))
+                if not chunk:
+                    break
+                skip -= len(chunk)
+            while remaining:
+                chunk = r.read(min(remaining, _CHUNK))
+                if not chunk:
+                    raise TemporarySourceError(
+                        f"{entry.locator}: body ended {remaining} bytes short of the requested range")
+                trio.from_thread.run(sink, chunk)
+                remaining -= len(chunk)
+        finally:
+            if r.length_remaining:
+                r.close()  # a body we stopped reading (errors, a 200 longer than wanted): drop the connection
+            r.release_conn()
 
     @staticmethod
-    def _check(r: httpx.Response, entry: FileEntry) -> None:
+    def _check(r, entry: FileEntry) -> None:
         now = _validator(r.headers)
         size = _size_of(r)
         if (now != entry.validator and entry.validator != "none") or (size is not None and size != entry.size):
@@ -299,24 +332,24 @@ class HttpSource(Source):
             )
 
 
-def _size_of(r: httpx.Response) -> int | None:
+def _size_of(r) -> int | None:
     cr = r.headers.get("content-range")
-    if r.status_code == 206 and cr and "/" in cr:
+    if r.status == 206 and cr and "/" in cr:
         total = cr.rsplit("/", 1)[1].strip()
         return int(total) if total.isdigit() else None
     cl = r.headers.get("content-length")
     return int(cl) if cl and cl.isdigit() else None
 
 
-def _range_start(r: httpx.Response) -> int:
+def _range_start(r) -> int:
     cr = r.headers.get("content-range", "")
     try:
         return int(cr.split()[1].split("-")[0])
     except (IndexError, ValueError):
-        raise SourceError(f"malformed Content-Range {cr!r} from {r.url}") from None
+        raise SourceError(f"malformed Content-Range {cr!r} from {r.geturl()}") from None
 
 
-def _mtime(headers: httpx.Headers) -> float:
+def _mtime(headers) -> float:
     from email.utils import parsedate_to_datetime
 
     lm = headers.get("last-modified")

@@ -42,7 +42,7 @@ class Retrier:
                 if not self.is_temporary(e):
                     raise
                 self.last_error = e
-                delay = min(self.max_delay, self.initial_delay * 2 ** (self.attempts - 1))
+                delay = min(self.max_delay, self.initial_delay * 2 ** min(self.attempts - 1, 30))
                 delay *= random.uniform(0.5, 1.0)
                 # One line per retry is fine: retries are rare and spaced out.
                 log.warning("%s failed (attempt %d): %s; retrying in %.1fs", self.what, self.attempts, e, delay)

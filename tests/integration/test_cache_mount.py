@@ -62,7 +62,8 @@ def test_corrupt_block_after_crash_is_not_served(tmp_path, origin_factory, agent
     data = _data(2, 10 * BS)
     write_tree(tmp_path / "src", {"f.bin": data})
     origin = origin_factory(tmp_path / "src")
-    agent = agent_factory(block_size=BS)
+    # No group commit before the crash: every block is "since the last commit".
+    agent = agent_factory(block_size=BS, commit_interval="1h")
     agent.cli("pull", origin.url, "--name", "c")
     agent.kill9()
     # Damage one block file in place, as a torn write on a lying disk would.

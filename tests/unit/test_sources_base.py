@@ -1,0 +1,75 @@
+"""Unit tests for syncbit.sources.base: URI schemes, the registry and the Source defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncbit.errors import MalformedURI, SourceChanged, TemporarySourceError, UnknownScheme
+from syncbit.sources.base import Source, known_schemes, open_source, scheme_of
+
+
+@pytest.mark.parametrize(
+    "uri,scheme",
+    [
+        ("https://host/file.bin", "https"),
+        ("HTTP://host/", "http"),
+        ("file:///mnt/nfs/set/", "file"),
+        ("/mnt/nfs/set", "file"),
+        ("./relative/set", "file"),
+        ("s3://bucket/prefix/", "s3"),
+        ("hf://meta-llama/Llama-3.1-8B@main", "hf"),
+    ],
+)
+def test_scheme_of(uri, scheme):
+    assert scheme_of(uri) == scheme
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "",                 # nothing
+        "   ",              # blanks
+        None,               # not a string
+        "bucket/prefix",    # no scheme and not a path
+        "://host",          # empty scheme
+        "1http://host",     # scheme must start with a letter
+        "http:/host",       # one slash
+    ],
+)
+def test_scheme_of_rejects_malformed_uris(uri):
+    with pytest.raises(MalformedURI):
+        scheme_of(uri)
+
+
+async def test_open_source_with_an_unknown_scheme_names_the_known_ones():
+    with pytest.raises(UnknownScheme) as ei:
+        await open_source("gopher://host/x")
+    assert "gopher" in str(ei.value)
+    for s in known_schemes():
+        assert s in str(ei.value)
+
+
+def test_known_schemes_include_the_builtin_sources():
+    assert {"file", "http", "https"} <= set(known_schemes())
+
+
+class _Dummy(Source):
+    async def resolve(self):
+        raise NotImplementedError
+
+    async def read_range(self, entry, offset, length, sink):
+        raise NotImplementedError
+
+
+async def test_source_defaults():
+    src = await _Dummy.create("dummy://x")
+    assert src.uri == "dummy://x"
+    assert src.is_temporary(TemporarySourceError("503"))
+    assert not src.is_temporary(SourceChanged("etag changed"))
+    assert not src.is_temporary(OSError("raw"))
+    await src.aclose()
+
+
+def test_source_is_abstract():
+    with pytest.raises(TypeError):
+        Source("x://y")  # type: ignore[abstract]
