@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -123,11 +124,15 @@ class BlockCache:
                  "clean" if clean else "unclean")
 
     def close(self) -> None:
-        self.flush_access()
-        self.store.sync()
-        self.index.set_meta("durable_before", str(time.time()))
-        self.index.close()
-        (self.dir / _CLEAN_MARK).touch()
+        try:
+            self.flush_access()
+            self.store.sync()
+            self.index.set_meta("durable_before", str(time.time()))
+            self.index.close()
+            (self.dir / _CLEAN_MARK).touch()
+        except (OSError, sqlite3.Error) as e:
+            # No clean mark: the next start verifies what this run wrote.
+            log.error("cannot close the cache in %s cleanly: %s", self.dir, e)
 
     async def commit(self) -> None:
         """Group commit: make the blocks written so far durable and record up to when."""

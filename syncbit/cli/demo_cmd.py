@@ -58,7 +58,7 @@ def demo(shard_mib: int, keep: bool) -> None:
 
         say("4. syncbit pull (registers the dataset, prefetches it with progress)")
         t0 = time.monotonic()
-        path = _syncbit("pull", url, "--name", "tiny-model", env=env, capture=False)
+        _syncbit("pull", url, "--name", "tiny-model", env=env)
         pull_s = time.monotonic() - t0
         click.echo(f"   pulled in {pull_s:.1f}s")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -161,10 +160,7 @@ class SyncbitFS(pyfuse3.Operations):
             return b""
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
-        if off != h.next_offset:
-            sequential = False
-        else:
-            sequential = True
+        sequential = off == h.next_offset
         h.next_offset = end
         parts = []
         for idx in range(first, last + 1):
@@ -243,6 +239,3 @@ def fuse_options() -> set[str]:
     opts |= {"fsname=syncbit", "subtype=syncbit", "ro", "allow_other"}
     return opts
 
-
-def is_dir_mode(mode: int) -> bool:
-    return stat.S_ISDIR(mode)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import errno
 import random
-import shutil
 import time
 
 import pytest
@@ -164,3 +163,40 @@ def test_safetensors_mmap_through_the_mount(tmp_path, origin_factory, agent_fact
         assert sorted(f.keys()) == ["bias", "embed"]
         assert (f.get_tensor("embed") == tensors["embed"]).all()
         assert (f.get_tensor("bias") == tensors["bias"]).all()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 3 MiB tmpfs: a cache filesystem that fills up."""
+    import subprocess
+
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_full_disk_fails_the_pull_cleanly_and_keeps_serving(tmp_path, small_fs, origin_factory, agent_factory):
+    """A dataset bigger than the cache filesystem: the pull fails with a clear reason; nothing crashes."""
+    data = _data(8, 80 * BS)  # 5 MiB into a 3 MiB filesystem
+    write_tree(tmp_path / "src", {"big.bin": data, "small.txt": b"small file"})
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS, cache_dir=str(small_fs / "cache"), min_free_disk="512KiB",
+                          cache_quota="64MiB")
+    r = agent.cli("pull", origin.url, "--name", "full", check=False)
+    assert r.returncode == 15, r.stderr
+    assert "below the reserve" in r.stderr or "no space left" in r.stderr
+    st = agent.dataset("full")
+    assert st["state"] == "failed" and 0 < st["bytes_cached"] < len(data)
+    # The agent is alive and serves what it has; a read that needs space gets EIO, not a hang.
+    with open(agent.mnt / "full" / "big.bin", "rb") as f:
+        assert f.read(BS) == data[:BS]
+    with pytest.raises(OSError) as e:
+        (agent.mnt / "full" / "small.txt").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert "read failed: dataset full file small.txt block 0: cache filesystem" in agent.log()
+    assert agent.status()["cache"]["bytes"] <= 3 * 2**20
+    # Evicting the dataset gives the space back; the small file is then served.
+    agent.cli("evict", "full")
+    assert (agent.mnt / "full" / "small.txt").read_bytes() == b"small file"
