@@ -28,8 +28,9 @@ from ..sources.retry import Retrier
 
 log = logging.getLogger(__name__)
 
-# Blocks of one run being stored (hashed, written, fsynced) while more arrive.
-STORES_PER_RUN = 4
+# Blocks received and not yet stored, across all runs: bounds the memory of
+# fetching (16 x 4 MiB) whatever the number of runs.
+BLOCKS_IN_MEMORY = 16
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Fetcher:
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
+        self._memory = trio.Semaphore(BLOCKS_IN_MEMORY)
         self.bytes_from_source = 0
         self.runs = 0
 
@@ -84,13 +86,20 @@ class Fetcher:
                 raise flight.error
 
     def readahead(self, source: Source, entry: FileEntry, idx: int, nblocks: int) -> None:
-        """Start fetching missing blocks from ``idx`` on in the background (no await)."""
+        """Keep ``nblocks`` ahead of a sequential reader at ``idx`` in flight (no await).
+
+        When less than half the window is covered, one run of half a window
+        starts at the first block not yet covered: long runs, few requests.
+        """
         total = block_count(entry.size, self.block_size)
-        end = min(total, idx + nblocks)
-        for i in range(idx, end):
-            if self.cache.present_block(entry.file_object, i) is None and (entry.file_object, i) not in self._flights:
-                self.start_run(source, entry, i, self._run_end(source, entry, i, end - i), self.read_limiter)
-                return
+        j = idx
+        while j < min(total, idx + nblocks) and (
+            (entry.file_object, j) in self._flights or self.cache.present_block(entry.file_object, j) is not None
+        ):
+            j += 1
+        if j < total and j - idx <= nblocks // 2:
+            self.start_run(source, entry, j, self._run_end(source, entry, j, max(1, nblocks // 2)),
+                           self.read_limiter)
 
     async def prefetch_run(self, source: Source, entry: FileEntry, idx: int, max_blocks: int) -> None:
         """Fetch the missing blocks from ``idx`` on (up to ``max_blocks``) in this task.
@@ -143,11 +152,12 @@ class Fetcher:
 
         The stream is cut into blocks by ``_fetch_once``; each block is stored
         (hash, write, fsync, rename: in a thread) by its own task so that
-        storing overlaps receiving, at most ``STORES_PER_RUN`` blocks at once.
+        storing overlaps receiving, with at most ``BLOCKS_IN_MEMORY`` blocks
+        waiting to be stored across all runs.
         """
         todo = list(claimed)  # blocks not yet received; a retry resumes at todo[0]
         retrier = Retrier(source.is_temporary, what=f"fetching {entry.path}")
-        slots = trio.Semaphore(STORES_PER_RUN)
+        slots = self._memory
         self.runs += 1
         try:
             stream_error: Exception | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 
 import pyfuse3
@@ -30,18 +29,16 @@ log = logging.getLogger(__name__)
 # the root changes when datasets come and go and is invalidated explicitly.
 _LONG = 86400.0
 _ROOT_TIMEOUT = 1.0
-_FDS_PER_HANDLE = 8
 
 
 class OpenFile:
-    __slots__ = ("entry", "source", "dataset", "fds", "next_offset")
+    __slots__ = ("entry", "source", "dataset", "touched", "next_offset")
 
     def __init__(self, entry: FileEntry, source: Source, dataset: str) -> None:
         self.entry = entry
         self.source = source
         self.dataset = dataset
-        # block index -> (fd, block id); LRU, each held against eviction.
-        self.fds: OrderedDict[int, tuple[int, str]] = OrderedDict()
+        self.touched: set[int] = set()  # blocks this handle has read (counted once each)
         self.next_offset = 0
 
 
@@ -164,57 +161,64 @@ class SyncbitFS(pyfuse3.Operations):
         h.next_offset = end
         parts = []
         for idx in range(first, last + 1):
-            slot = h.fds.get(idx)
-            if slot is None:
-                slot = await self._open_block(h, idx, sequential)
-            else:
-                h.fds.move_to_end(idx)
+            fd = self._local_fd(h, idx, sequential)
+            if fd is None:
+                fd = await self._fetch_fd(h, idx)
+            # No await between getting fd and reading it (see BlockCache.block_fd).
             base = idx * bs
             lo = max(off, base) - base
-            hi = min(end, base + bs) - base
-            parts.append(os.pread(slot[0], hi - lo, lo))
+            parts.append(os.pread(fd, min(end, base + bs) - base - lo, lo))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _open_block(self, h: OpenFile, idx: int, sequential: bool) -> tuple[int, str]:
+    def _local_fd(self, h: OpenFile, idx: int, sequential: bool) -> int | None:
+        """The fast path: a descriptor of block ``idx`` if it is cached; never awaits."""
+        bid = self.cache.present_block(h.entry.file_object, idx)
+        if bid is None:
+            return None
+        try:
+            fd = self.cache.block_fd(bid)
+        except FileNotFoundError:
+            return None
+        if idx not in h.touched:
+            self._first_touch(h, idx, bid, hit=True, sequential=sequential)
+        return fd
+
+    async def _fetch_fd(self, h: OpenFile, idx: int) -> int:
         entry = h.entry
-        bid = self.cache.present_block(entry.file_object, idx)
         while True:
-            if bid is None:
-                self.cache.misses += 1
-                try:
-                    bid = await self.fetcher.read_block(h.source, entry, idx, self.readahead_blocks)
-                except SyncbitError as e:
-                    log.error("read failed: dataset %s file %s block %d: %s", h.dataset, entry.path, idx, e)
-                    raise pyfuse3.FUSEError(errno.EIO) from None
-            else:
-                self.cache.hits += 1
-            slot = h.fds.get(idx)  # a concurrent read on this handle may have opened it
-            if slot is not None:
-                return slot
             try:
-                fd = self.cache.open_block(bid)
-                break
+                bid = await self.fetcher.read_block(h.source, entry, idx, self.readahead_blocks)
+            except SyncbitError as e:
+                log.error("read failed: dataset %s file %s block %d: %s", h.dataset, entry.path, idx, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            try:
+                fd = self.cache.block_fd(bid)
             except FileNotFoundError:
-                bid = None  # evicted between lookup and open: fetch again
-        slot = (fd, bid)
-        self.cache.hold(bid)
+                continue  # evicted between its arrival and now: fetch again
+            if idx not in h.touched:
+                self._first_touch(h, idx, bid, hit=False, sequential=True)
+            return fd
+
+    def _first_touch(self, h: OpenFile, idx: int, bid: str, *, hit: bool, sequential: bool) -> None:
+        h.touched.add(idx)
         self.cache.touch(bid)
-        h.fds[idx] = slot
-        if len(h.fds) > _FDS_PER_HANDLE:
-            _, (old_fd, old_bid) = h.fds.popitem(last=False)
-            os.close(old_fd)
-            self.cache.release(old_bid)
+        if hit:
+            self.cache.hits += 1
+        else:
+            self.cache.misses += 1
         if sequential and self.readahead_blocks:
-            self.fetcher.readahead(h.source, entry, idx + 1, self.readahead_blocks)
-        return slot
+            self.fetcher.readahead(h.source, h.entry, idx + 1, self.readahead_blocks)
+            # Ask the kernel to read the next cached block file in now, so the
+            # next read does not stall the trio thread on the disk.
+            nxt = self.cache.present_block(h.entry.file_object, idx + 1)
+            if nxt is not None:
+                try:
+                    os.posix_fadvise(self.cache.block_fd(nxt), 0, 0, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
 
     async def release(self, fh):
-        h = self.handles.pop(fh, None)
-        if h is None:
-            return
-        for fd, bid in h.fds.values():
-            os.close(fd)
-            self.cache.release(bid)
+        self.handles.pop(fh, None)
 
     async def access(self, inode, mode, ctx):
         if mode & os.W_OK:

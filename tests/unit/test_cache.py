@@ -86,11 +86,9 @@ async def test_put_present_block_and_known_blocks(caches):
     assert c.present_block("fo", 1) is None
     assert c.known_blocks("fo") == {0: b0, 2: b2}
     assert c.has_block(b0) and not c.has_block(content_id(b"other"))
-    fd = c.open_block(b0)
-    try:
-        assert os.read(fd, 1000) == block(0)
-    finally:
-        os.close(fd)
+    fd = c.block_fd(b0)
+    assert os.pread(fd, 1000, 0) == block(0)
+    assert c.block_fd(b0) == fd  # kept open for the next reader
     st = c.statistics()
     assert (st.bytes, st.blocks, st.quota, st.high_watermark, st.low_watermark) == (200, 2, 1000, 950, 850)
 
@@ -371,3 +369,15 @@ async def test_stray_files_in_the_block_tree_do_not_stop_a_start(caches):
     c.close()
     c2 = reopen(c, caches)
     assert c2.has_block(bid) and c2.bytes == BLOCK
+
+
+async def test_evicting_a_block_closes_its_cached_descriptor(caches):
+    # A reader's descriptor must not keep an evicted block's disk space busy.
+    c = caches()
+    b0 = await c.put("fo", 0, block(0), None)
+    fd = c.block_fd(b0)
+    c.drop_blocks([b0])
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(FileNotFoundError):
+        c.block_fd(b0)

@@ -140,11 +140,17 @@ async def test_readers_of_blocks_in_one_run_share_its_request(fetcher, source, c
 
 async def test_readahead_fetches_in_the_background(fetcher, source, cache):
     entry = make_entry()
-    fetcher.readahead(source, entry, 1, 3)  # no await: starts a background run
-    await wait_present(cache, entry.file_object, [1, 2, 3])
-    assert source.requests == [("w.bin", BS, 3 * BS)]
+    fetcher.readahead(source, entry, 1, 4)  # no await; nothing ahead: one run of half the window
+    await wait_present(cache, entry.file_object, [1, 2])
+    assert source.requests == [("w.bin", BS, 2 * BS)]
     assert cache.present_block(entry.file_object, 0) is None
-    assert cache.present_block(entry.file_object, 4) is None
+    fetcher.readahead(source, entry, 1, 4)  # half the window covered: the next half-window run
+    await wait_present(cache, entry.file_object, [3, 4])
+    assert source.requests[-1] == ("w.bin", 3 * BS, 2 * BS)
+    fetcher.readahead(source, entry, 1, 4)  # the whole window is covered: nothing to do
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(source.requests) == 2
+    assert cache.present_block(entry.file_object, 5) is None
 
 
 async def test_a_cancelled_reader_does_not_cancel_the_fetch_for_others(fetcher, source):
