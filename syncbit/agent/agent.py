@@ -163,7 +163,10 @@ class Agent:
         src = self.sources.get(uri)
         if src is None:
             src = await open_source(uri)
-            self.sources.setdefault(uri, src)
+            if uri in self.sources:  # another request opened it meanwhile
+                await src.aclose()
+            else:
+                self.sources[uri] = src
         return self.sources[uri]
 
     async def _restore(self) -> None:
