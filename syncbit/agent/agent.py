@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import time
 
 import pyfuse3
@@ -15,7 +16,7 @@ import trio
 from ..cache import BlockCache
 from ..config import AgentConfig, DatasetSpec
 from ..errors import (
-    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError, collapse_groups,
+    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError, collapse_groups, unwrap_group,
 )
 from ..fetch import Fetcher
 from ..fs.fuse import SyncbitFS, fuse_options
@@ -227,8 +228,11 @@ class Agent:
             pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(name), ignore_enoent=True)
 
     def _save(self, ds: DatasetState) -> None:
-        self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
-                                     ds.state, ds.error, time.time())
+        try:
+            self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
+                                         ds.state, ds.error, time.time())
+        except sqlite3.OperationalError as e:  # a full cache disk; the state in memory is still right
+            log.error("cannot record dataset %s in the cache index: %s", ds.name, e)
 
     def get(self, name: str) -> DatasetState:
         try:
@@ -252,6 +256,14 @@ class Agent:
         try:
             with scope:
                 await self._prefetch_snapshot(ds)
+        except Exception as e:
+            # A prefetch never takes the agent down: whatever escaped (a group
+            # of failures, a full index disk) fails this dataset only.
+            err = unwrap_group(e)
+            if isinstance(err, trio.Cancelled):
+                raise
+            ds.set_state(FAILED, f"prefetch stopped: {err}")
+            log.error("dataset %s: prefetch stopped: %r", ds.name, err)
         finally:
             if ds.prefetch_scope is scope:
                 ds.prefetch_scope = None

@@ -232,17 +232,33 @@ class BlockCache:
         Raises BlockCorrupt if ``expected`` is given and the bytes differ.
         """
         self._check_space(len(data))
-        bid, checksum = await trio.to_thread.run_sync(self.store.write, data, expected, limiter=self._io)
+
+        def known(block_id: str) -> None:
+            # Runs in the worker thread between hashing and renaming: the
+            # (file object, index) -> id row exists before the block file does,
+            # so a block renamed just before a crash is adopted at the next
+            # start *and* found again, not downloaded twice.
+            trio.from_thread.run_sync(self._record_known, fo, idx, block_id)
+
+        bid, checksum = await trio.to_thread.run_sync(self.store.write, data, expected, known, limiter=self._io)
         if bid not in self._present:
             self._uncommitted = True
-            self.index.add_block(bid, len(data), checksum, time.time())
+            try:
+                self.index.add_block(bid, len(data), checksum, time.time())
+            except sqlite3.OperationalError as e:  # "database or disk is full"
+                raise CacheFull(f"cache index in {self.dir}: {e}") from None
             self._present[bid] = len(data)
             self.bytes += len(data)
             if self.bytes > self.quota * self.high_watermark:
                 self._pressure.set()
-        self.index.set_fo_block(fo, idx, bid)
-        self.known_blocks(fo)[idx] = bid
         return bid
+
+    def _record_known(self, fo: str, idx: int, block_id: str) -> None:
+        try:
+            self.index.set_fo_block(fo, idx, block_id)
+        except sqlite3.OperationalError as e:
+            raise CacheFull(f"cache index in {self.dir}: {e}") from None
+        self.known_blocks(fo)[idx] = block_id
 
     def _check_space(self, size: int) -> None:
         st = os.statvfs(self.dir)
@@ -287,15 +303,23 @@ class BlockCache:
             with trio.move_on_after(self.commit_interval):
                 await self._pressure.wait()
             self._pressure = trio.Event()
-            await self.commit()
-            self.flush_access()
-            q = self.quota
-            st = os.statvfs(self.dir)
-            free = st.f_bavail * st.f_frsize
-            target = int(q * self.low_watermark)
-            if free < self.min_free_disk:
-                target = min(target, max(0, self.bytes - (self.min_free_disk - free)))
-            if self.bytes > q * self.high_watermark or free < self.min_free_disk:
-                n = self.evict(target)
-                if n:
-                    log.info("evicted %d blocks; cache now %d bytes (quota %d)", n, self.bytes, q)
+            try:
+                await self._housekeeping()
+            except (OSError, sqlite3.Error) as e:
+                # A full or failing cache disk must not take the agent down:
+                # reads of cached blocks keep working; this is retried.
+                log.error("cache housekeeping failed: %s", e)
+
+    async def _housekeeping(self) -> None:
+        await self.commit()
+        self.flush_access()
+        q = self.quota
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        target = int(q * self.low_watermark)
+        if free < self.min_free_disk:
+            target = min(target, max(0, self.bytes - (self.min_free_disk - free)))
+        if self.bytes > q * self.high_watermark or free < self.min_free_disk:
+            n = self.evict(target)
+            if n:
+                log.info("evicted %d blocks; cache now %d bytes (quota %d)", n, self.bytes, q)

@@ -14,7 +14,7 @@ import errno
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import xxhash
@@ -50,11 +50,18 @@ class BlockStore:
             raise ValueError(f"not a block id: {block_id[:80]!r}")
         return f"{self.root}/{block_id[:2]}/{block_id}"
 
-    def write(self, data: bytes, expected: str | None) -> tuple[str, str]:
-        """Hash, check, and store ``data``. Returns (block id, at-rest checksum)."""
+    def write(self, data: bytes, expected: str | None,
+              before_write: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """Hash, check, and store ``data``. Returns (block id, at-rest checksum).
+
+        ``before_write(block_id)`` is called once the id is known and checked,
+        before the block file is written.
+        """
         block_id = content_id(data)
         if expected is not None and block_id != expected:
             raise BlockCorrupt(f"bytes hash to {block_id[:16]}…, expected {expected[:16]}…")
+        if before_write is not None:
+            before_write(block_id)
         final = self.path(block_id)
         checksum = at_rest_checksum(data)
         if os.path.exists(final):
