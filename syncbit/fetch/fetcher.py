@@ -94,7 +94,7 @@ class Fetcher:
         total = block_count(entry.size, self.block_size)
         j = idx
         while j < min(total, idx + nblocks) and (
-            (entry.file_object, j) in self._flights or self.cache.present_block(entry.file_object, j) is not None
+            self.in_flight(entry, j) or self.cache.present_block(entry.file_object, j) is not None
         ):
             j += 1
         if j < total and j - idx <= nblocks // 2:
@@ -125,7 +125,7 @@ class Fetcher:
 
     def _run_end(self, source: Source, entry: FileEntry, idx: int, nblocks: int) -> int:
         total = block_count(entry.size, self.block_size)
-        if getattr(source, "prefers_whole_file", lambda e: False)(entry):
+        if source.prefers_whole_file(entry):
             return total  # each request restarts at byte 0: take the rest in one go
         return min(total, idx + max(1, nblocks))
 

@@ -54,6 +54,10 @@ class Source(ABC):
         retry. Bytes already given to ``sink`` stay valid when it fails.
         """
 
+    def prefers_whole_file(self, entry: FileEntry) -> bool:
+        """True when every request restarts at byte 0 (an origin that ignores Range)."""
+        return False
+
     def is_temporary(self, error: BaseException) -> bool:
         from ..errors import TemporarySourceError
 
