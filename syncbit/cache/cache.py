@@ -103,12 +103,9 @@ class BlockCache:
             if bid not in indexed:
                 # Renamed into place but the index row was lost in a crash:
                 # the name is its content hash, so re-hash before adopting it.
-                data = Path(self.store.path(bid)).read_bytes()
-                from ..model import content_id
-                from .store import at_rest_checksum
-
-                if content_id(data) == bid:
-                    self.index.add_block(bid, size, at_rest_checksum(data), mtime)
+                checksum = self.store.checksum_if_intact(bid)
+                if checksum is not None:
+                    self.index.add_block(bid, size, checksum, mtime)
                     adopted += 1
                 else:
                     self.store.remove(bid)

@@ -107,6 +107,15 @@ class BlockStore:
         except FileNotFoundError:
             pass
 
+    def checksum_if_intact(self, block_id: str) -> str | None:
+        """Re-hash a block file: its at-rest checksum if its bytes match its name, else None."""
+        try:
+            with open(self.path(block_id), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        return at_rest_checksum(data) if content_id(data) == block_id else None
+
     def verify(self, block_id: str, checksum: str) -> bool:
         try:
             with open(self.path(block_id), "rb") as f:

@@ -106,7 +106,7 @@ class SyncbitFS(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = stats.quota // 4096
         s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self.vfs._nodes)
+        s.f_files = self.vfs.node_count
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s

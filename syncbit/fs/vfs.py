@@ -125,5 +125,9 @@ class Vfs:
             raise NotADirectoryError(inode)
         return sorted(node.children.items())
 
+    @property
+    def node_count(self) -> int:
+        return len(self._nodes)
+
     def datasets(self) -> dict[str, Snapshot]:
         return {name: node.snapshot for name, node in self._current.items()}

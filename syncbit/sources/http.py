@@ -146,14 +146,12 @@ class HttpSource(Source):
     async def aclose(self) -> None:
         self.pool.clear()
 
-    def is_temporary(self, error: BaseException) -> bool:
-        return isinstance(error, (TemporarySourceError, urllib3.exceptions.HTTPError))
-
     def prefers_whole_file(self, entry: FileEntry) -> bool:
         """True once the origin answered 200 to a Range request for this file."""
         return entry.locator in self._ranges_ignored
 
     async def _in_thread(self, fn, *args):
+        # Every request runs here, so urllib3's errors are translated once, here.
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         except urllib3.exceptions.HTTPError as e:
@@ -169,25 +167,22 @@ class HttpSource(Source):
         raise SourceError(f"cannot list {self.uri}: {retrier.last_error}")
 
     async def _resolve_once(self) -> Snapshot:
-        try:
-            if self.uri.endswith("/"):
-                urls = await self._walk_index(self.uri)
-                root = self.uri
+        if self.uri.endswith("/"):
+            urls = await self._walk_index(self.uri)
+            root = self.uri
+        else:
+            head = await self._head(self.uri)
+            final = head.geturl() or self.uri
+            if final.endswith("/") and head.headers.get("content-type", "").startswith("text/html"):
+                # /dir redirected to /dir/: a directory after all.
+                urls = await self._walk_index(final)
+                root = final
             else:
-                head = await self._head(self.uri)
-                final = head.geturl() or self.uri
-                if final.endswith("/") and head.headers.get("content-type", "").startswith("text/html"):
-                    # /dir redirected to /dir/: a directory after all.
-                    urls = await self._walk_index(final)
-                    root = final
-                else:
-                    name = unquote(urlsplit(self.uri).path.rsplit("/", 1)[-1])
-                    safe_relpath(name)
-                    urls = {name: self.uri}
-                    root = None
-            files = await self._stat_all(urls, root)
-        except urllib3.exceptions.HTTPError as e:
-            raise TemporarySourceError(f"cannot reach {self.uri}: {e!r}") from e
+                name = unquote(urlsplit(self.uri).path.rsplit("/", 1)[-1])
+                safe_relpath(name)
+                urls = {name: self.uri}
+                root = None
+        files = await self._stat_all(urls, root)
         revision = short_hash(*(f"{f.path}\0{f.size}\0{f.validator}" for f in files))
         return Snapshot(uri=self.uri, revision=revision, files=tuple(files), created=time.time())
 
