@@ -22,6 +22,9 @@ from .units import parse_duration, parse_size
 
 DEFAULT_SOCKET = "/run/syncbit/agent.sock"
 DEFAULT_BLOCK_SIZE = 4 * 2**20
+# Per-dataset source options a dataset entry may carry (each source checks its own).
+SOURCE_OPTIONS = ("endpoint_url", "region")
+_DATASET_KEYS = {"name", "uri", "pin", *SOURCE_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class DatasetSpec:
     name: str
     uri: str
     pin: bool = True
+    # Source options for this dataset (S3: endpoint_url, region).
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,11 @@ def _convert(key: str, value: Any) -> Any:
             raise ConfigError("datasets: expected a list of {name, uri}")
         specs = []
         for item in value:
-            if not isinstance(item, Mapping) or set(item) - {"name", "uri", "pin"} or "uri" not in item or "name" not in item:
-                raise ConfigError(f"datasets: each entry needs name and uri (and optionally pin), got {item!r}")
-            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), bool(item.get("pin", True))))
+            if not isinstance(item, Mapping) or set(item) - _DATASET_KEYS or "uri" not in item or "name" not in item:
+                raise ConfigError(f"datasets: each entry needs name and uri (and optionally "
+                                  f"{', '.join(sorted(_DATASET_KEYS - {'name', 'uri'}))}), got {item!r}")
+            options = {k: str(item[k]) for k in SOURCE_OPTIONS if item.get(k) is not None}
+            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), bool(item.get("pin", True)), options))
         return tuple(specs)
     if key == "log_format" and value not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {value!r}")

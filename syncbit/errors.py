@@ -46,6 +46,16 @@ class SourceChanged(SourceError):
     exit_code = 8
 
 
+class DigestMismatch(SourceChanged):
+    """A complete file does not match the whole-file digest its source gave."""
+
+
+class RevisionNotFound(SourceError, LookupError):
+    """The revision (branch, tag, commit) asked for does not exist at the source."""
+
+    exit_code = 17
+
+
 class HostileName(SourceError, ValueError):
     """A source listed a name that would escape the dataset root."""
 

@@ -81,6 +81,9 @@ class Snapshot:
     files: tuple[FileEntry, ...]
     created: float = 0.0
     id: str = field(default="", compare=False)
+    # The per-dataset source options it was listed with ((key, value) pairs,
+    # sorted): an S3 endpoint is part of where the bytes come from.
+    options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         paths = [f.path for f in self.files]
@@ -89,7 +92,7 @@ class Snapshot:
         for p in paths:
             safe_relpath(p)
         if not self.id:
-            object.__setattr__(self, "id", snapshot_id(self.uri, self.revision, self.files))
+            object.__setattr__(self, "id", snapshot_id(self.uri, self.revision, self.files, self.options))
 
     @property
     def total_size(self) -> int:
@@ -98,7 +101,7 @@ class Snapshot:
     def to_json(self) -> str:
         return json.dumps(
             {"uri": self.uri, "revision": self.revision, "created": self.created, "id": self.id,
-             "files": [asdict(f) for f in self.files]},
+             "options": [list(kv) for kv in self.options], "files": [asdict(f) for f in self.files]},
             sort_keys=True, separators=(",", ":"),
         )
 
@@ -106,16 +109,16 @@ class Snapshot:
     def from_json(cls, text: str) -> Snapshot:
         d = json.loads(text)
         files = tuple(FileEntry(**f) for f in d["files"])
-        return cls(uri=d["uri"], revision=d["revision"], files=files, created=d.get("created", 0.0), id=d["id"])
+        options = tuple((str(k), str(v)) for k, v in d.get("options", ()))
+        return cls(uri=d["uri"], revision=d["revision"], files=files, created=d.get("created", 0.0), id=d["id"],
+                   options=options)
 
 
-def snapshot_id(uri: str, revision: str, files: Iterable[FileEntry]) -> str:
-    canon = json.dumps(
-        {"uri": uri, "revision": revision,
-         "files": sorted(([f.path, f.size, f.file_object] for f in files))},
-        sort_keys=True, separators=(",", ":"),
-    )
-    return content_id(canon.encode())
+def snapshot_id(uri: str, revision: str, files: Iterable[FileEntry], options: tuple = ()) -> str:
+    canon = {"uri": uri, "revision": revision, "files": sorted(([f.path, f.size, f.file_object] for f in files))}
+    if options:  # absent when empty: ids of snapshots made before options existed stay the same
+        canon["options"] = [list(kv) for kv in options]
+    return content_id(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode())
 
 
 def block_count(size: int, block_size: int) -> int:

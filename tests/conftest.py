@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tests.hf_env  # noqa: F401  (first: before anything imports huggingface_hub)
+
 import os
 import signal
 import subprocess
@@ -13,6 +15,9 @@ import pytest
 import yaml
 
 from syncbit.demo.origin import OriginServer
+from tests.servers.hub import HubServer
+from tests.servers.proxy import FaultProxy
+from tests.servers.s3 import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +42,38 @@ def origin_factory(tmp_path):
     yield make
     for srv in servers:
         srv.stop()
+
+
+# -- S3 and Hub servers, shared by the conformance suite and the mount tests --
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    proxy = FaultProxy(s3_server.url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def hub():
+    with HubServer(lfs_threshold=1024, page_size=5) as server:
+        yield server
+
+
+@pytest.fixture
+def source_env(monkeypatch, s3_server, hub):
+    """The environment a user would have: AWS keys for the S3 server, HF_ENDPOINT for the Hub."""
+    for key, value in s3_server.credentials.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:

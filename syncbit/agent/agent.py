@@ -3,12 +3,14 @@ the prefetcher and the local API, under one root nursery."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
 import sqlite3
 import time
+from collections.abc import Mapping
 
 import pyfuse3
 import trio
@@ -16,13 +18,14 @@ import trio
 from ..cache import BlockCache
 from ..config import AgentConfig, DatasetSpec
 from ..errors import (
-    AgentAlreadyRunning, ConfigError, DatasetNotFound, MountError, SourceChanged, SyncbitError, collapse_groups, unwrap_group,
+    AgentAlreadyRunning, ConfigError, DatasetNotFound, DigestMismatch, MountError, SourceChanged, SyncbitError,
+    collapse_groups, unwrap_group,
 )
 from ..fetch import Fetcher
 from ..fs.fuse import SyncbitFS, fuse_options
 from ..fs.vfs import ROOT_INODE, Vfs
 from ..model import Snapshot, block_count, block_span
-from ..sources import Source, open_source
+from ..sources import Source, open_source, source_key
 from .datasets import FAILED, PENDING, READY, SYNCING, DatasetState
 from .mountpoint import cleanup_stale_mount, raise_kernel_readahead
 
@@ -158,26 +161,28 @@ class Agent:
     # -- datasets ------------------------------------------------------------
 
     def source_for(self, snap: Snapshot) -> Source:
-        return self.sources[snap.uri]
+        return self.sources[source_key(snap.uri, snap.options)]
 
-    async def _source(self, uri: str) -> Source:
-        src = self.sources.get(uri)
+    async def _source(self, uri: str, options: Mapping[str, str]) -> Source:
+        key = source_key(uri, options)
+        src = self.sources.get(key)
         if src is None:
-            src = await open_source(uri)
-            if uri in self.sources:  # another request opened it meanwhile
+            src = await open_source(uri, options)
+            if key in self.sources:  # another request opened it meanwhile
                 await src.aclose()
             else:
-                self.sources[uri] = src
-        return self.sources[uri]
+                self.sources[key] = src
+        return self.sources[key]
 
     async def _restore(self) -> None:
         for row in self.cache.index.datasets():
-            ds = DatasetState(row["name"], row["uri"], pinned=bool(row["pinned"]))
+            ds = DatasetState(row["name"], row["uri"], pinned=bool(row["pinned"]),
+                              options=json.loads(row["options"]))
             self.datasets[ds.name] = ds
             if row["snapshot"]:
                 ds.snapshot = self.cache.index.snapshot(row["snapshot"])
                 try:
-                    await self._source(ds.uri)
+                    await self._source(ds.uri, ds.options)
                 except SyncbitError as e:
                     ds.set_state(FAILED, str(e))
                     continue
@@ -188,17 +193,20 @@ class Agent:
 
     async def _add_from_config(self, spec: DatasetSpec) -> None:
         try:
-            await self.add_dataset(spec.name, spec.uri, pin=spec.pin)
+            await self.add_dataset(spec.name, spec.uri, pin=spec.pin, options=spec.options)
         except SyncbitError as e:
             log.error("dataset %s from the config: %s", spec.name, e)
 
-    async def add_dataset(self, name: str | None, uri: str, *, pin: bool = True) -> DatasetState:
+    async def add_dataset(self, name: str | None, uri: str, *, pin: bool = True,
+                          options: Mapping[str, str] | None = None) -> DatasetState:
         """Register (or refresh) a dataset: resolve a snapshot and show it; prefetch if pinned."""
         name = check_dataset_name(name or default_name(uri))
+        options = dict(options or {})
         existing = self.datasets.get(name)
-        source = await self._source(uri)
+        source = await self._source(uri, options)
         snap = await source.resolve()
-        ds = existing if existing is not None and existing.uri == uri else DatasetState(name, uri)
+        same = existing is not None and existing.uri == uri and existing.options == options
+        ds = existing if same else DatasetState(name, uri, options=options)
         if existing is not None and existing is not ds and existing.prefetch_scope:
             existing.prefetch_scope.cancel()
         self.datasets[name] = ds
@@ -230,7 +238,7 @@ class Agent:
     def _save(self, ds: DatasetState) -> None:
         try:
             self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
-                                         ds.state, ds.error, time.time())
+                                         ds.state, ds.error, time.time(), ds.options)
         except sqlite3.OperationalError as e:  # a full cache disk; the state in memory is still right
             log.error("cannot record dataset %s in the cache index: %s", ds.name, e)
 
@@ -249,6 +257,10 @@ class Agent:
     def start_prefetch(self, ds: DatasetState) -> None:
         if ds.prefetch_scope is not None:
             ds.prefetch_scope.cancel()
+        if ds.snapshot is not None:
+            # Now, not when the task first runs: a caller that reads the state
+            # right after asking for a prefetch must not see the last outcome.
+            ds.set_state(SYNCING)
         scope = ds.prefetch_scope = trio.CancelScope()
         self._nursery.start_soon(self._prefetch, ds, scope)
 
@@ -279,8 +291,12 @@ class Agent:
                 async with trio.open_nursery() as nursery:
                     for _ in range(self.config.prefetch_concurrency):
                         nursery.start_soon(self._prefetch_worker, source, work)
+            for entry in snap.files:
+                # Whole-file digests from the source (HF LFS sha256): ready means verified.
+                await self.fetcher.verify_file(entry)
         except SyncbitError as e:
-            hint = " (run 'syncbit pull' again to take a new snapshot)" if isinstance(e, SourceChanged) else ""
+            hint = " (run 'syncbit pull' again to take a new snapshot)" \
+                if isinstance(e, SourceChanged) and not isinstance(e, DigestMismatch) else ""
             ds.set_state(FAILED, f"{e}{hint}")
             self._save(ds)
             log.error("dataset %s failed: %s", ds.name, e)
@@ -349,6 +365,7 @@ class Agent:
         return {
             "name": ds.name,
             "uri": ds.uri,
+            "options": ds.options,
             "snapshot": snap.id if snap else None,
             "revision": snap.revision if snap else None,
             "files": len(snap.files) if snap else 0,

@@ -44,7 +44,11 @@ def build_app(agent: Agent) -> Starlette:
             body = await request.json()
             if not isinstance(body, dict) or not isinstance(body.get("uri"), str):
                 raise ConfigError("request needs a JSON object with a 'uri' string")
-            ds = await agent.add_dataset(body.get("name"), body["uri"], pin=bool(body.get("pin", True)))
+            options = body.get("options") or {}
+            if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+                raise ConfigError("'options' must be an object of strings")
+            ds = await agent.add_dataset(body.get("name"), body["uri"], pin=bool(body.get("pin", True)),
+                                         options=options)
             return JSONResponse(agent.dataset_status(ds))
         except json.JSONDecodeError:
             return _error(ConfigError("request body is not JSON"))

@@ -16,6 +16,7 @@ class DatasetState:
     name: str
     uri: str
     snapshot: Snapshot | None = None
+    options: dict[str, str] = field(default_factory=dict)  # per-dataset source options
     pinned: bool = False
     state: str = PENDING
     error: str | None = None

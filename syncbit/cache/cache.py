@@ -250,6 +250,24 @@ class BlockCache:
                 self._pressure.set()
         return bid
 
+    def forget_file_object(self, fo: str) -> None:
+        """Forget which blocks make up ``fo`` (after its whole-file digest failed).
+
+        The block files stay until eviction: other file objects may share them.
+        The next read of the file fetches it again and learns new ids.
+        """
+        self._fo_blocks.pop(fo, None)
+        self.index.forget_fo(fo)
+
+    def is_verified(self, fo: str, digest: str) -> bool:
+        return self.index.verified_digest(fo) == digest
+
+    def mark_verified(self, fo: str, digest: str) -> None:
+        try:
+            self.index.set_verified(fo, digest, time.time())
+        except sqlite3.OperationalError as e:  # a full disk: verified again next time, no harm
+            log.warning("cannot record the verification of %s: %s", fo, e)
+
     def _record_known(self, fo: str, idx: int, block_id: str) -> None:
         try:
             self.index.set_fo_block(fo, idx, block_id)

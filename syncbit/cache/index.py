@@ -4,14 +4,16 @@ Holds blocks (size, at-rest checksum, access statistics), the known block ids
 of each file object (known even after the block is evicted, so a refetch is
 verified), snapshots, datasets and their pins. Used from the trio thread only:
 statements are small and WAL with ``synchronous=NORMAL`` commits without an
-fsync; block files are fsynced before their rows are written, and a lost row
-is recovered by ``reconcile`` from the block files at the next start.
+fsync; the cache's group commit makes block files durable before the rows
+that name them, and a lost row is recovered by ``reconcile`` from the block
+files at the next start.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import sqlite_utils
@@ -19,7 +21,7 @@ import sqlite_utils
 from ..model import Snapshot
 from .eviction import BlockStat
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS = {
     1: [
@@ -34,6 +36,13 @@ _MIGRATIONS = {
                WITHOUT ROWID""",
         """CREATE TABLE datasets (name TEXT PRIMARY KEY, uri TEXT NOT NULL, snapshot TEXT,
                pinned INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, error TEXT, created REAL NOT NULL)""",
+    ],
+    2: [
+        # Per-dataset source options (an S3 endpoint_url, a region), JSON.
+        "ALTER TABLE datasets ADD COLUMN options TEXT NOT NULL DEFAULT '{}'",
+        # File objects whose whole-file digest from the source was checked.
+        """CREATE TABLE fo_verified (fo TEXT PRIMARY KEY, digest TEXT NOT NULL, verified REAL NOT NULL)
+               WITHOUT ROWID""",
     ],
 }
 
@@ -120,6 +129,18 @@ class Index:
 
     # -- snapshots and datasets -------------------------------------------------
 
+    def forget_fo(self, fo: str) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM fo_blocks WHERE fo=?", (fo,))
+            self.db.execute("DELETE FROM fo_verified WHERE fo=?", (fo,))
+
+    def verified_digest(self, fo: str) -> str | None:
+        row = self.db.execute("SELECT digest FROM fo_verified WHERE fo=?", (fo,)).fetchone()
+        return row[0] if row else None
+
+    def set_verified(self, fo: str, digest: str, now: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO fo_verified (fo, digest, verified) VALUES (?,?,?)", (fo, digest, now))
+
     def add_snapshot(self, snap: Snapshot) -> None:
         with self.db.conn:
             self.db.execute(
@@ -139,12 +160,13 @@ class Index:
         return list(self.db.query("SELECT * FROM datasets ORDER BY name"))
 
     def put_dataset(self, name: str, uri: str, snapshot: str | None, pinned: bool, state: str,
-                    error: str | None, now: float) -> None:
+                    error: str | None, now: float, options: Mapping[str, str] | None = None) -> None:
         self.db.execute(
-            """INSERT INTO datasets (name, uri, snapshot, pinned, state, error, created) VALUES (?,?,?,?,?,?,?)
+            """INSERT INTO datasets (name, uri, snapshot, pinned, state, error, created, options)
+               VALUES (?,?,?,?,?,?,?,?)
                ON CONFLICT(name) DO UPDATE SET uri=excluded.uri, snapshot=excluded.snapshot,
-               pinned=excluded.pinned, state=excluded.state, error=excluded.error""",
-            (name, uri, snapshot, int(pinned), state, error, now),
+               pinned=excluded.pinned, state=excluded.state, error=excluded.error, options=excluded.options""",
+            (name, uri, snapshot, int(pinned), state, error, now, json.dumps(dict(options or {}), sort_keys=True)),
         )
 
     def delete_dataset(self, name: str) -> None:

@@ -106,13 +106,16 @@ def _client(config_path: str | None) -> AgentClient:
 @click.argument("uri")
 @click.option("--name", help="Dataset name (default: the last part of the URI).")
 @click.option("--no-wait", is_flag=True, help="Register and start prefetching, then return.")
+@click.option("--endpoint-url", help="S3: endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL, then AWS).")
+@click.option("--region", help="S3: region (default: AWS_REGION / the AWS config).")
 @_config_option
-def pull(uri, name, no_wait, config_path):
+def pull(uri, name, no_wait, endpoint_url, region, config_path):
     """Register the dataset at URI, prefetch it with progress, print its path."""
     if "://" not in uri and os.path.exists(uri):
         uri = os.path.abspath(uri)
+    options = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region)) if v}
     with _client(config_path) as client:
-        ds = client.pull(uri, name)
+        ds = client.pull(uri, name, options)
         if not no_wait:
             ds = _wait_with_progress(client, ds)
     click.echo(ds["path"])

@@ -46,8 +46,11 @@ class AgentClient:
     def status(self) -> dict:
         return self._call("GET", "/v1/status")
 
-    def pull(self, uri: str, name: str | None) -> dict:
-        return self._call("POST", "/v1/datasets", json={"uri": uri, "name": name, "pin": True})
+    def pull(self, uri: str, name: str | None, options: dict[str, str] | None = None) -> dict:
+        body = {"uri": uri, "name": name, "pin": True}
+        if options:
+            body["options"] = options
+        return self._call("POST", "/v1/datasets", json=body)
 
     def dataset(self, name: str, wait: float = 0) -> dict:
         return self._call("GET", f"/v1/datasets/{name}", params={"wait": wait} if wait else None)

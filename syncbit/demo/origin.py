@@ -33,6 +33,7 @@ class OriginServer(ThreadingHTTPServer):
         self.drop_after: int | None = None  # close the connection after this many body bytes
         self.drop_every = 1  # ... on every Nth GET (1: all of them)
         self.fail_every = 0  # answer 503 to every Nth GET (0: never)
+        self.fail_next = 0  # answer 503 to this many next requests, HEAD included (an outage)
         self.extra_links: list[str] = []  # hrefs added to every index page (hostile-listing tests)
         self.rate: int | None = None  # bytes per second per response (slow origins)
         self.bytes_sent = 0
@@ -106,6 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         srv = self.server
+        with srv._lock:
+            outage = srv.fail_next > 0
+            srv.fail_next -= outage
+        if outage:
+            return self._simple(503, b"down for maintenance\n")
         if not head:
             with srv._lock:
                 srv.gets += 1
@@ -205,7 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
 
 def main() -> None:  # python -m syncbit.demo.origin DIR [PORT]

@@ -15,13 +15,15 @@ same block.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 import trio
 
 from ..cache import BlockCache
-from ..errors import BlockCorrupt, FetchFailed, SourceChanged, SyncbitError, collapse_groups
+from ..errors import BlockCorrupt, DigestMismatch, FetchFailed, SourceChanged, SyncbitError, collapse_groups
 from ..model import FileEntry, block_count, block_span
 from ..sources.base import Source
 from ..sources.retry import Retrier
@@ -57,6 +59,9 @@ class Fetcher:
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._memory = trio.Semaphore(BLOCKS_IN_MEMORY)
+        self._verifying: dict[str, _Flight] = {}
+        self._digest_failures: dict[str, DigestMismatch] = {}  # file object -> its last failed check
+        self._hash_limiter = trio.CapacityLimiter(1)  # whole-file digests: one file at a time
         self.bytes_from_source = 0
         self.runs = 0
 
@@ -111,6 +116,73 @@ class Fetcher:
         claimed = self._claim(entry, idx, self._run_end(source, entry, idx, max_blocks))
         if claimed:
             await self._fetch(source, entry, claimed)
+
+    async def verify_file(self, entry: FileEntry) -> bool:
+        """Check a complete file against the whole-file digest its source gave (single flight).
+
+        Returns True when the file is verified (or has no digest), False when
+        some of its blocks are not in the cache. Raises DigestMismatch, after
+        forgetting the file's blocks, when the bytes do not match.
+        """
+        if not entry.digest:
+            return True
+        while True:
+            if self.cache.is_verified(entry.file_object, entry.digest):
+                return True
+            flight = self._verifying.get(entry.file_object)
+            if flight is None:
+                break
+            await flight.event.wait()
+            if flight.error is not None:
+                raise flight.error
+        flight = self._verifying[entry.file_object] = _Flight()
+        try:
+            return await self._verify(entry)
+        except BaseException as e:
+            flight.error = e if isinstance(e, Exception) else None
+            raise
+        finally:
+            del self._verifying[entry.file_object]
+            flight.event.set()
+
+    async def _verify(self, entry: FileEntry) -> bool:
+        ids = [self.cache.present_block(entry.file_object, i) for i in range(block_count(entry.size, self.block_size))]
+        if None in ids:
+            failure = self._digest_failures.get(entry.file_object)
+            if failure is not None:
+                raise failure  # incomplete because its blocks were just dropped: say why
+            return False
+        algo, _, want = entry.digest.partition(":")
+        for bid in ids:
+            self.cache.hold(bid)  # not evicted while being read
+        fds: list[int] = []
+        try:
+            fds = [self.cache.store.open(bid) for bid in ids]
+            got = await trio.to_thread.run_sync(_digest_of, algo, fds, limiter=self._hash_limiter)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for bid in ids:
+                self.cache.release(bid)
+        if got != want:
+            self.cache.forget_file_object(entry.file_object)
+            failure = self._digest_failures[entry.file_object] = DigestMismatch(
+                f"{entry.path}: whole-file {algo} of the fetched bytes is {got}, the source's metadata says "
+                f"{want}; the file's cached blocks were dropped and will be fetched again"
+            )
+            raise failure
+        self._digest_failures.pop(entry.file_object, None)
+        self.cache.mark_verified(entry.file_object, entry.digest)
+        log.debug("verified %s (%s)", entry.path, entry.digest)
+        return True
+
+    async def _verify_in_background(self, entry: FileEntry) -> None:
+        try:
+            await self.verify_file(entry)
+        except DigestMismatch as e:
+            log.error("file failed verification: %s", e)
+        except (SyncbitError, OSError) as e:
+            log.warning("could not verify %s: %s", entry.path, e)
 
     def in_flight(self, entry: FileEntry, idx: int) -> bool:
         return (entry.file_object, idx) in self._flights
@@ -232,3 +304,31 @@ class Fetcher:
             slots.release()
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
+        if (entry.digest and self._nursery is not None
+                and len(self.cache.known_blocks(entry.file_object)) == block_count(entry.size, self.block_size)
+                and entry.file_object not in self._verifying):
+            # Possibly the file's last block: check the whole file now, also
+            # for files only ever read through the mount.
+            self._nursery.start_soon(self._verify_in_background, entry)
+
+
+def _digest_of(algo: str, fds: list[int]) -> str:
+    """Hash the concatenation of the files ``fds`` (worker thread; hashlib releases the GIL).
+
+    ``git-sha1`` is git's blob id: SHA-1 over a ``blob <size>\\0`` header and the content.
+    """
+    if algo == "git-sha1":
+        h = hashlib.sha1(b"blob %d\0" % sum(os.fstat(fd).st_size for fd in fds))
+    else:
+        try:
+            h = hashlib.new(algo)
+        except ValueError:
+            raise DigestMismatch(f"unknown digest algorithm {algo!r} in the source's metadata") from None
+    buf = bytearray(4 * 2**20)
+    view = memoryview(buf)
+    for fd in fds:
+        pos = 0
+        while n := os.preadv(fd, [view], pos):
+            h.update(view[:n])
+            pos += n
+    return h.hexdigest()

@@ -1,5 +1,5 @@
 """Sources: where bytes come from. One abstract class, a registry by URI scheme."""
 
-from .base import Sink, Source, open_source, known_schemes
+from .base import Sink, Source, known_schemes, open_source, source_key
 
-__all__ = ["Sink", "Source", "open_source", "known_schemes"]
+__all__ = ["Sink", "Source", "known_schemes", "open_source", "source_key"]

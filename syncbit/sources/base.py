@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
-from ..errors import MalformedURI, UnknownScheme
+from ..errors import ConfigError, MalformedURI, UnknownScheme
 from ..model import FileEntry, Snapshot
 
 # Receives the bytes of a range in order, in chunks of any size.
@@ -25,6 +25,8 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "file": ("syncbit.sources.file", "FileSource", None),
     "http": ("syncbit.sources.http", "HttpSource", None),
     "https": ("syncbit.sources.http", "HttpSource", None),
+    "s3": ("syncbit.sources.s3", "S3Source", "boto3"),
+    "hf": ("syncbit.sources.hf", "HfSource", "huggingface_hub"),
 }
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -32,14 +34,21 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 class Source(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Per-dataset settings this source accepts (``endpoint_url`` for S3...).
+    option_keys: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, options: Mapping[str, str] | None = None) -> None:
         self.uri = uri
+        self.options = dict(options or {})
+        unknown = set(self.options) - self.option_keys
+        if unknown:
+            takes = ", ".join(sorted(self.option_keys)) or "no options"
+            raise ConfigError(f"{uri}: unknown source option(s) {', '.join(sorted(unknown))} (this source takes {takes})")
 
     @classmethod
-    async def create(cls, uri: str) -> Source:
+    async def create(cls, uri: str, options: Mapping[str, str] | None = None) -> Source:
         """Async factory: check the URI and open what the source needs."""
-        return cls(uri)
+        return cls(uri, options)
 
     @abstractmethod
     async def resolve(self) -> Snapshot:
@@ -85,7 +94,13 @@ def scheme_of(uri: str) -> str:
     return m.group(1).lower()
 
 
-async def open_source(uri: str) -> Source:
+def source_key(uri: str, options: Mapping[str, str] | tuple = ()) -> str:
+    """One string per (URI, options): sources are shared by datasets with the same key."""
+    items = sorted(dict(options).items())
+    return uri if not items else uri + "\0" + "\0".join(f"{k}={v}" for k, v in items)
+
+
+async def open_source(uri: str, options: Mapping[str, str] | None = None) -> Source:
     scheme = scheme_of(uri)
     try:
         module_name, class_name, hint = _REGISTRY[scheme]
@@ -98,4 +113,4 @@ async def open_source(uri: str) -> Source:
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise UnknownScheme(f"source scheme {scheme!r} needs {hint or e.name}: {e}") from None
     cls: type[Source] = getattr(module, class_name)
-    return await cls.create(uri)
+    return await cls.create(uri, options)

@@ -50,8 +50,8 @@ def _validator(st: os.stat_result) -> str:
 class FileSource(Source):
     schemes = ("file",)
 
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
+    def __init__(self, uri: str, options=None) -> None:
+        super().__init__(uri, options)
         self.root = path_of(uri)
 
     async def resolve(self) -> Snapshot:

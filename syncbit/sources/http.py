@@ -131,8 +131,8 @@ def _validator(headers) -> str:
 class HttpSource(Source):
     schemes = ("http", "https")
 
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
+    def __init__(self, uri: str, options=None) -> None:
+        super().__init__(uri, options)
         parts = urlsplit(uri)
         if not parts.netloc or not parts.hostname:
             raise MalformedURI(f"malformed URL {uri!r}: no host")
@@ -281,40 +281,9 @@ class HttpSource(Source):
 
     def _read_range_sync(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         # Runs in a worker thread; chunks go back to the trio thread's sink.
-        headers = {**_HEADERS, "Range": f"bytes={offset}-{offset + length - 1}"}
-        r = self.pool.request("GET", entry.locator, headers=headers, preload_content=False, decode_content=False)
-        try:
-            if r.status >= 400:
-                if r.status == 404:
-                    raise SourceChanged(f"{entry.locator} disappeared from the source since the snapshot")
-                if r.status in (412, 416):  # a range past the end: the file shrank
-                    raise SourceChanged(f"{entry.locator} changed since the snapshot was pinned (HTTP {r.status})")
-                raise _status_error(r.status, entry.locator)
-            self._check(r, entry)
-            if r.status == 206:
-                skip = offset - _range_start(r)
-            elif r.status == 200:
-                skip = offset  # Range ignored: read from the start
-                self._ranges_ignored.add(entry.locator)
-            else:
-                raise SourceError(f"unexpected HTTP {r.status} for {entry.locator}")
-            remaining = length
-            while skip:
-                chunk = r.read(min(skip, _CHUNK))
-                if not chunk:
-                    break
-                skip -= len(chunk)
-            while remaining:
-                chunk = r.read(min(remaining, _CHUNK))
-                if not chunk:
-                    raise TemporarySourceError(
-                        f"{entry.locator}: body ended {remaining} bytes short of the requested range")
-                trio.from_thread.run(sink, chunk)
-                remaining -= len(chunk)
-        finally:
-            if r.length_remaining:
-                r.close()  # a body we stopped reading (errors, a 200 longer than wanted): drop the connection
-            r.release_conn()
+        if not stream_range(self.pool, entry.locator, _HEADERS, offset, length, sink,
+                            check=lambda r: self._check(r, entry)):
+            self._ranges_ignored.add(entry.locator)
 
     @staticmethod
     def _check(r, entry: FileEntry) -> None:
@@ -325,6 +294,61 @@ class HttpSource(Source):
                 f"{entry.locator} changed since the snapshot was pinned "
                 f"({entry.validator}, {entry.size} bytes -> {now}, {size} bytes)"
             )
+
+
+def stream_range(pool: urllib3.PoolManager, url: str, headers: dict, offset: int, length: int, sink: Sink,
+                 *, check) -> bool:
+    """GET ``length`` bytes of ``url`` from ``offset`` into ``sink`` (in a worker thread).
+
+    ``check(response)`` vets the response before any byte is delivered (a
+    changed validator or size raises SourceChanged). Returns False when the
+    origin ignored the Range header and the prefix had to be read and skipped.
+    """
+    r = pool.request("GET", url, headers=range_headers(headers, offset, length), preload_content=False,
+                     decode_content=False)
+    return deliver_range(r, url, offset, length, sink, check=check)
+
+
+def range_headers(headers: dict, offset: int, length: int) -> dict:
+    return {**headers, "Range": f"bytes={offset}-{offset + length - 1}"}
+
+
+def deliver_range(r, url: str, offset: int, length: int, sink: Sink, *, check) -> bool:
+    """Read the answer ``r`` to a range request into ``sink``; see ``stream_range``.
+
+    Under a pinned snapshot 404 and 412/416 mean the file changed or went away.
+    """
+    try:
+        if r.status >= 400:
+            if r.status == 404:
+                raise SourceChanged(f"{url} disappeared from the source since the snapshot")
+            if r.status in (412, 416):  # a range past the end: the file shrank
+                raise SourceChanged(f"{url} changed since the snapshot was pinned (HTTP {r.status})")
+            raise _status_error(r.status, url)
+        check(r)
+        if r.status == 206:
+            skip = offset - _range_start(r)
+        elif r.status == 200:
+            skip = offset  # Range ignored: read from the start
+        else:
+            raise SourceError(f"unexpected HTTP {r.status} for {url}")
+        remaining = length
+        while skip:
+            chunk = r.read(min(skip, _CHUNK))
+            if not chunk:
+                break
+            skip -= len(chunk)
+        while remaining:
+            chunk = r.read(min(remaining, _CHUNK))
+            if not chunk:
+                raise TemporarySourceError(f"{url}: body ended {remaining} bytes short of the requested range")
+            trio.from_thread.run(sink, chunk)
+            remaining -= len(chunk)
+        return r.status == 206
+    finally:
+        if r.length_remaining:
+            r.close()  # a body we stopped reading (errors, a 200 longer than wanted): drop the connection
+        r.release_conn()
 
 
 def _size_of(r) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -372,3 +373,27 @@ async def test_empty_file_needs_no_request(fetcher, source, cache):
     await fetcher.prefetch_run(source, entry, 0, 4)
     assert source.requests == []
     assert cache.known_blocks("fo-empty") == {}
+
+
+def test_git_sha1_digest_is_git_blob_id(tmp_path):
+    """The digest hf:// small files carry is git's blob id, computed over the blocks in order."""
+    import subprocess
+
+    from syncbit.fetch.fetcher import _digest_of
+
+    data = b"hello world\n" * 1000
+    parts = [data[:5000], data[5000:9000], data[9000:]]
+    fds = []
+    for i, part in enumerate(parts):
+        p = tmp_path / f"b{i}"
+        p.write_bytes(part)
+        fds.append(os.open(p, os.O_RDONLY))
+    (tmp_path / "whole").write_bytes(data)
+    try:
+        want = subprocess.run(["git", "hash-object", str(tmp_path / "whole")], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert _digest_of("git-sha1", fds) == want
+        assert _digest_of("sha256", fds) == hashlib.sha256(data).hexdigest()
+    finally:
+        for fd in fds:
+            os.close(fd)

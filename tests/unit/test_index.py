@@ -103,3 +103,32 @@ def test_datasets_upsert_and_delete(index):
         "file:///b", "sid", 1, "failed", "boom", 1.0)
     index.delete_dataset("ds")
     assert index.datasets() == []
+
+
+def test_a_version_1_index_is_migrated_and_keeps_its_datasets(tmp_path):
+    """A cache made by the first release (schema 1) opens: datasets keep their rows, options default to {}."""
+    import sqlite3
+
+    from syncbit.cache import index as index_module
+
+    path = tmp_path / "index.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    for stmt in index_module._MIGRATIONS[1]:
+        conn.execute(stmt)
+    conn.execute("INSERT INTO meta VALUES ('schema', '1')")
+    conn.execute("INSERT INTO datasets (name, uri, snapshot, pinned, state, error, created) "
+                 "VALUES ('old', 'https://h/x/', NULL, 1, 'ready', NULL, 1.0)")
+    conn.commit()
+    conn.close()
+    idx = Index(path)
+    try:
+        assert idx.get_meta("schema") == str(SCHEMA_VERSION)
+        [row] = idx.datasets()
+        assert (row["name"], row["uri"], row["pinned"], row["options"]) == ("old", "https://h/x/", 1, "{}")
+        idx.set_verified("fo1", "sha256:ab", 2.0)
+        assert idx.verified_digest("fo1") == "sha256:ab"
+        idx.forget_fo("fo1")
+        assert idx.verified_digest("fo1") is None
+    finally:
+        idx.close()

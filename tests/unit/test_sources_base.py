@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from syncbit.errors import MalformedURI, SourceChanged, TemporarySourceError, UnknownScheme
-from syncbit.sources.base import Source, known_schemes, open_source, scheme_of
+from syncbit.errors import ConfigError, MalformedURI, SourceChanged, TemporarySourceError, UnknownScheme
+from syncbit.sources.base import Source, known_schemes, open_source, scheme_of, source_key
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,22 @@ async def test_open_source_with_an_unknown_scheme_names_the_known_ones():
 
 
 def test_known_schemes_include_the_builtin_sources():
-    assert {"file", "http", "https"} <= set(known_schemes())
+    assert {"file", "http", "https", "s3", "hf"} <= set(known_schemes())
+
+
+async def test_unknown_source_options_are_refused_with_what_the_source_takes():
+    with pytest.raises(ConfigError) as ei:
+        await open_source("s3://bucket/p/", {"endpont_url": "http://x"})  # typo
+    assert "endpont_url" in str(ei.value) and "endpoint_url, region" in str(ei.value)
+    with pytest.raises(ConfigError):
+        await open_source("https://host/x", {"region": "eu"})  # http takes none
+
+
+def test_source_key_separates_options():
+    assert source_key("s3://b/p/") == "s3://b/p/"
+    assert source_key("s3://b/p/", {"region": "a"}) != source_key("s3://b/p/", {"region": "b"})
+    assert source_key("s3://b/p/", {"region": "a", "endpoint_url": "e"}) == \
+        source_key("s3://b/p/", (("endpoint_url", "e"), ("region", "a")))
 
 
 class _Dummy(Source):

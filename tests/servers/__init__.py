@@ -1,0 +1,1 @@
+"""In-process servers that stand in for real services in tests."""

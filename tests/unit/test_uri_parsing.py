@@ -1,0 +1,55 @@
+"""Unit tests for the s3:// and hf:// URI parsers: what they accept and what they refuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncbit.errors import HostileName, MalformedURI
+from syncbit.sources.hf import parse_hf
+from syncbit.sources.s3 import parse_s3_uri
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("s3://bucket/models/llama-3-8b/", ("bucket", "models/llama-3-8b/")),
+    ("s3://bucket/models/one.bin", ("bucket", "models/one.bin")),
+    ("s3://bucket", ("bucket", "")),
+    ("s3://bucket/", ("bucket", "")),
+    ("s3://my.bucket-1/a b/é", ("my.bucket-1", "a b/é")),
+])
+def test_s3_uris(uri, expected):
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://", "s3:///key", "s3://bu/cket?x=1", "s3://bucket/k#frag", "s3://bu@cket/x", "s3://b\x00/x",
+    "s3://bucket/a\x00b",
+])
+def test_malformed_s3_uris(uri):
+    with pytest.raises(MalformedURI):
+        parse_s3_uri(uri)
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("hf://meta-llama/Llama-3.1-8B", ("model", "meta-llama/Llama-3.1-8B", None, "")),
+    ("hf://meta-llama/Llama-3.1-8B@main", ("model", "meta-llama/Llama-3.1-8B", "main", "")),
+    ("hf://models/org/repo@v1.0/sub/dir", ("model", "org/repo", "v1.0", "sub/dir")),
+    ("hf://datasets/org/set", ("dataset", "org/set", None, "")),
+    ("hf://datasets/org/set@refs/convert/parquet/default", ("dataset", "org/set", "refs/convert/parquet", "default")),
+    ("hf://org/repo@" + "a" * 40, ("model", "org/repo", "a" * 40, "")),
+])
+def test_hf_uris(uri, expected):
+    assert parse_hf(uri) == expected
+
+
+@pytest.mark.parametrize("uri", [
+    "hf://", "hf://just-a-name", "hf://org/repo@", "hf://spaces/org/app", "hf://buckets/org/b",
+    "hf://org/re po", "hf://org/repo//x",
+])
+def test_malformed_hf_uris(uri):
+    with pytest.raises(MalformedURI):
+        parse_hf(uri)
+
+
+def test_hf_subdir_escaping_the_repo_is_refused():
+    with pytest.raises((HostileName, MalformedURI)):
+        parse_hf("hf://org/repo@main/../../etc")
