@@ -48,6 +48,7 @@ def default_name(uri: str) -> str:
     from urllib.parse import unquote
 
     tail = unquote(uri.rstrip("/").rsplit("/", 1)[-1]) or "dataset"
+    tail = tail.split("@", 1)[0] or tail  # hf://org/repo@main -> repo: '@' names revisions in the mount
     tail = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-.") or "dataset"
     return tail[:128]
 

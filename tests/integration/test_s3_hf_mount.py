@@ -193,3 +193,22 @@ def test_cli_errors_for_sources_have_distinct_exit_codes(hub, s3_server, s3_prox
     agent.start()
     r = agent.cli("pull", "s3://locked/x/", "--endpoint-url", s3_proxy.url, check=False)
     assert r.returncode == 7 and "credentials" in r.stderr and "wrong" not in r.stderr
+
+
+@ENV
+def test_hf_token_file_and_relative_revision_names(hub, agent_factory, monkeypatch, tmp_path):
+    """The token written by `hf auth login` (HF_HOME/token) is used when HF_TOKEN is not set."""
+    hub.create_repo("org/secret-model", private=True)
+    files = shards(8, n=1)
+    hub.commit("org/secret-model", files, branch="release/2.0")
+    hub.add_token("hf_from_file", repos=["org/secret-model"])
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    (hf_home / "token").write_text("hf_from_file\n")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    agent = agent_factory(block_size=BS)
+    # A branch name with a slash is percent-encoded, as parse_hf_uri wants it.
+    agent.cli("pull", "hf://org/secret-model@release%2F2.0", "--name", "secret")
+    read_all(agent.mnt / "secret", files)
+    assert agent.dataset("secret")["revision"] == hub.head("org/secret-model", "release/2.0")
+    assert "hf_from_file" not in agent.log()
