@@ -66,6 +66,11 @@ class AgentConfig:
     log_level: str = "INFO"
     log_format: str = "text"
     datasets: tuple[DatasetSpec, ...] = ()
+    # The control plane (http://host:7070); absent: standalone.
+    server: str | None = None
+    heartbeat_interval: float = 5.0
+    # Prometheus /metrics over TCP (host:port); the local socket serves it too.
+    metrics_listen: str | None = None
 
     @property
     def cache_path(self) -> Path:
@@ -73,7 +78,7 @@ class AgentConfig:
 
 
 _SIZE_KEYS = {"min_free_disk", "block_size", "readahead"}
-_DURATION_KEYS = {"fetch_deadline", "commit_interval"}
+_DURATION_KEYS = {"fetch_deadline", "commit_interval", "heartbeat_interval", "node_down_after"}
 _INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb"}
 _FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}
 _FIELDS = {f.name for f in dataclasses.fields(AgentConfig)}
@@ -136,7 +141,44 @@ def _convert(key: str, value: Any) -> Any:
         return tuple(specs)
     if key == "log_format" and value not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {value!r}")
+    if key == "server":
+        return check_server_url(str(value))
+    if key in ("listen", "metrics_listen"):
+        return check_listen(str(value), key)
     return str(value)
+
+
+def check_server_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"server: expected http://HOST:PORT, got {url!r}")
+    return url.rstrip("/")
+
+
+def check_listen(value: str, key: str = "listen") -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _read_yaml(path: str | os.PathLike, fields: set[str]) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    unknown = {str(k) for k in raw} - fields
+    if unknown:
+        raise ConfigError(f"config {path}: unknown keys: {', '.join(sorted(unknown))}")
+    return dict(raw)
 
 
 def load_agent_config(
@@ -149,20 +191,7 @@ def load_agent_config(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config {path} is not UTF-8 text") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"config {path}: expected a mapping at the top level")
-        unknown = {str(k) for k in raw} - _FIELDS
-        if unknown:
-            raise ConfigError(f"config {path}: unknown keys: {', '.join(sorted(unknown))}")
-        values.update(raw)
+        values.update(_read_yaml(path, _FIELDS))
     for key in _FIELDS - {"datasets"}:
         env_value = env.get(f"SYNCBIT_{key.upper()}")
         if env_value is not None:
@@ -188,3 +217,40 @@ def socket_path_for_cli(config_path: str | None, env: Mapping[str, str] | None =
     if config_path:
         return load_agent_config(config_path, env=env).socket
     return env.get("SYNCBIT_SOCKET", DEFAULT_SOCKET)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The control plane's configuration (``syncbit server --config``)."""
+
+    listen: str = "0.0.0.0:7070"
+    db: str = "/var/lib/syncbit-server/state.sqlite"
+    # A node with no heartbeat for this long is down and its replicas move.
+    node_down_after: float = 30.0
+    # What agents are told to use (their own heartbeat_interval is the first guess).
+    heartbeat_interval: float = 5.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def load_server_config(
+    path: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = _read_yaml(path, _SERVER_FIELDS) if path is not None else {}
+    for key in _SERVER_FIELDS:
+        env_value = env.get(f"SYNCBIT_{key.upper()}")
+        if env_value is not None:
+            values[key] = env_value
+    for key, value in (overrides or {}).items():
+        if key not in _SERVER_FIELDS:
+            raise ConfigError(f"unknown setting {key}")
+        if value is not None:
+            values[key] = value
+    return ServerConfig(**{k: _convert(k, v) for k, v in values.items()})

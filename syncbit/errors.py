@@ -56,6 +56,18 @@ class RevisionNotFound(SourceError, LookupError):
     exit_code = 17
 
 
+class WaitTimeout(SyncbitError, TimeoutError):
+    """``syncbit wait`` gave up before the dataset was ready."""
+
+    exit_code = 18
+
+
+class ServerUnreachable(SyncbitError, ConnectionError):
+    """The control plane did not answer."""
+
+    exit_code = 19
+
+
 class HostileName(SourceError, ValueError):
     """A source listed a name that would escape the dataset root."""
 

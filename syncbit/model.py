@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import blake3
 
-from .errors import HostileName
+from .errors import ConfigError, HostileName
 
 NAME_MAX = 255  # bytes per path component, as on ext4/xfs
 PATH_MAX = 4096
@@ -161,3 +163,21 @@ class Manifest:
             sort_keys=True, separators=(",", ":"),
         )
         return content_id(canon.encode())
+
+
+# Block bitmaps (which blocks of a snapshot a node holds) on the wire:
+# zlib-compressed, base64 in JSON.
+
+def encode_bitmap(bits: bytes | bytearray) -> str:
+    return base64.b64encode(zlib.compress(bytes(bits), 6)).decode()
+
+
+def decode_bitmap(text: str, max_bytes: int = 1 << 24) -> bytes:
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(base64.b64decode(text, validate=True), max_bytes)
+        if d.unconsumed_tail:
+            raise ConfigError("bitmap too large")
+        return raw
+    except (ValueError, TypeError, zlib.error) as e:
+        raise ConfigError(f"malformed bitmap: {e}") from None

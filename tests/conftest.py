@@ -162,6 +162,80 @@ class AgentProc:
         self.proc.wait()
 
 
+class ServerProc:
+    """A real control plane process (``syncbit server``) on a free loopback port."""
+
+    def __init__(self, base: Path, **config) -> None:
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.config = {"listen": f"127.0.0.1:{self.port}", "db": str(base / "state.sqlite"),
+                       "node_down_after": "3s", "heartbeat_interval": "0.5s", "log_level": "DEBUG", **config}
+        self.config_path = base / "server.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProc:
+        import httpx
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "syncbit", "server", "--config", str(self.config_path)],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                httpx.get(self.url + "/v1/status", timeout=1).raise_for_status()
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"server did not come up:\n{self.log()}")
+
+    def api(self, method: str, path: str, **kw):
+        import httpx
+
+        return httpx.request(method, self.url + path, timeout=30, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers: list[ServerProc] = []
+
+    def make(name: str = "server", start: bool = True, **config) -> ServerProc:
+        base = tmp_path / name
+        base.mkdir(exist_ok=True)
+        srv = ServerProc(base, **config)
+        servers.append(srv)
+        return srv.start() if start else srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+        assert "Traceback" not in srv.log(), srv.log()[-6000:]
+
+
 def _force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
 

@@ -27,6 +27,7 @@ from ..fs.vfs import ROOT_INODE, Vfs
 from ..model import Snapshot, block_count, block_span
 from ..sources import Source, open_source, source_key
 from .datasets import FAILED, PENDING, READY, SYNCING, DatasetState
+from .link import ControlPlaneLink
 from .mountpoint import cleanup_stale_mount, raise_kernel_readahead
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Agent:
                             block_size=config.block_size, readahead=config.readahead)
         self.sources: dict[str, Source] = {}
         self.datasets: dict[str, DatasetState] = {}
+        self.link: ControlPlaneLink | None = None
+        if config.server:
+            self.link = ControlPlaneLink(self, config.server, config.heartbeat_interval)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self._mounted = False
@@ -96,6 +100,8 @@ class Agent:
                 for spec in self.config.datasets:
                     nursery.start_soon(self._add_from_config, spec)
                 await nursery.start(serve_api, self, self.config.socket)
+                if self.link is not None:
+                    await nursery.start(self.link.run)
                 nursery.start_soon(self._signals)
                 log.info("agent %s serving %s (socket %s)", self.config.node_name, self.config.mountpoint,
                          self.config.socket)
@@ -178,8 +184,11 @@ class Agent:
     async def _restore(self) -> None:
         for row in self.cache.index.datasets():
             ds = DatasetState(row["name"], row["uri"], pinned=bool(row["pinned"]),
-                              options=json.loads(row["options"]))
+                              options=json.loads(row["options"]), managed=bool(row["managed"]),
+                              switch=row["switch"])
             self.datasets[ds.name] = ds
+            if row["staged"] and self.cache.index.has_snapshot(row["staged"]):
+                ds.staged = self.cache.index.snapshot(row["staged"])
             if row["snapshot"]:
                 ds.snapshot = self.cache.index.snapshot(row["snapshot"])
                 try:
@@ -239,7 +248,8 @@ class Agent:
     def _save(self, ds: DatasetState) -> None:
         try:
             self.cache.index.put_dataset(ds.name, ds.uri, ds.snapshot.id if ds.snapshot else None, ds.pinned,
-                                         ds.state, ds.error, time.time(), ds.options)
+                                         ds.state, ds.error, time.time(), ds.options, ds.managed,
+                                         ds.staged.id if ds.staged else None, ds.switch)
         except sqlite3.OperationalError as e:  # a full cache disk; the state in memory is still right
             log.error("cannot record dataset %s in the cache index: %s", ds.name, e)
 
@@ -282,9 +292,11 @@ class Agent:
                 ds.prefetch_scope = None
 
     async def _prefetch_snapshot(self, ds: DatasetState) -> None:
-        snap = ds.snapshot
+        snap = ds.staged or ds.snapshot
         ds.set_state(SYNCING)
         self._save(ds)
+        if self.link is not None:
+            await self.link.seed_manifest(snap)  # verify what we fetch against what the cluster learnt
         source = self.source_for(snap)
         work = self._missing_blocks(snap)
         try:
@@ -307,9 +319,79 @@ class Agent:
         if missing:
             ds.set_state(FAILED, f"{missing} bytes still missing")
         else:
+            if ds.staged is snap:
+                self._make_current(ds, snap)
             ds.set_state(READY)
         self._save(ds)
         log.info("dataset %s is %s", ds.name, ds.state)
+
+    def _make_current(self, ds: DatasetState, snap: Snapshot) -> None:
+        """Show ``snap`` as the dataset; open files keep reading the snapshot they opened."""
+        old = ds.snapshot
+        ds.snapshot, ds.staged = snap, None
+        if self.vfs.set_dataset(ds.name, snap) is not None:
+            self._invalidate(ds.name)
+        self._save(ds)
+        self.cache.index.gc_snapshots()  # the old snapshot is no longer pinned
+        log.info("dataset %s: snapshot %s is current%s", ds.name, snap.revision,
+                 f" (was {old.revision})" if old and old.id != snap.id else "")
+
+    # -- control plane -----------------------------------------------------------
+
+    def reported_state(self, ds: DatasetState) -> str:
+        return SYNCING if ds.staged is not None and ds.state == READY else ds.state
+
+    async def apply_desired(self, desired: list[dict], link) -> None:
+        """Make the assigned datasets match what the control plane wants on this node."""
+        wanted = {d["dataset"]: d for d in desired if isinstance(d, dict) and "dataset" in d}
+        for name, d in wanted.items():
+            ds = self.datasets.get(name)
+            target = d["snapshot"]
+            if ds is not None and ds.managed and target in {s.id for s in (ds.snapshot, ds.staged) if s}:
+                if not ds.pinned or ds.switch != d.get("switch", "complete"):
+                    ds.pinned, ds.switch = True, d.get("switch", "complete")
+                    self._save(ds)
+                    self.start_prefetch(ds)
+                continue
+            try:
+                snap = self.cache.index.snapshot(target) if self.cache.index.has_snapshot(target) \
+                    else await link.snapshot(target)
+                await self.stage(name, d["uri"], d.get("options") or {}, snap, d.get("switch", "complete"))
+            except SyncbitError as e:
+                log.error("assigned dataset %s: %s", name, e)
+        for ds in list(self.datasets.values()):
+            if ds.managed and ds.name not in wanted and ds.pinned:
+                # Unassigned: keep serving it, but eviction may now reclaim it.
+                if ds.prefetch_scope is not None:
+                    ds.prefetch_scope.cancel()
+                    ds.prefetch_scope = None
+                ds.pinned, ds.staged = False, None
+                ds.set_state(PENDING)
+                self._save(ds)
+                self.cache.index.gc_snapshots()
+                log.info("dataset %s is no longer assigned to this node: unpinned", ds.name)
+
+    async def stage(self, name: str, uri: str, options: Mapping[str, str], snap: Snapshot, switch: str) -> None:
+        """Take an assigned snapshot: current at once if there is none (or ``switch`` says so), else staged."""
+        name = check_dataset_name(name)
+        await self._source(uri, options)
+        ds = self.datasets.get(name)
+        if ds is None or ds.uri != uri or ds.options != dict(options):
+            if ds is not None and ds.prefetch_scope is not None:
+                ds.prefetch_scope.cancel()
+            ds = self.datasets[name] = DatasetState(name, uri, options=dict(options), snapshot=ds.snapshot if ds else None)
+        self.cache.index.add_snapshot(snap)
+        ds.managed, ds.pinned, ds.switch = True, True, switch
+        if ds.snapshot is None or switch == "immediate" or ds.snapshot.id == snap.id:
+            ds.staged = None
+            if ds.snapshot is None or ds.snapshot.id != snap.id:
+                self._make_current(ds, snap)
+        else:
+            ds.staged = snap
+            log.info("dataset %s: staging snapshot %s; %s stays current until it is complete", name,
+                     snap.revision, ds.snapshot.revision)
+        self._save(ds)
+        self.start_prefetch(ds)
 
     def _missing_blocks(self, snap: Snapshot):
         bs = self.config.block_size

@@ -17,6 +17,9 @@ class DatasetState:
     uri: str
     snapshot: Snapshot | None = None
     options: dict[str, str] = field(default_factory=dict)  # per-dataset source options
+    managed: bool = False  # assigned by the control plane (vs pulled by hand)
+    staged: Snapshot | None = None  # being prefetched; becomes current when complete
+    switch: str = "complete"  # or "immediate": a new snapshot becomes current at once
     pinned: bool = False
     state: str = PENDING
     error: str | None = None

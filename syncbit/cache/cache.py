@@ -23,6 +23,7 @@ from .index import Index
 from .store import BlockStore
 
 log = logging.getLogger(__name__)
+MAX_LEARNED = 200_000  # unreported block ids kept while the control plane is away (~40 MB)
 
 # Open block files kept for readers (random readers touch many blocks; reopening
 # a block file per read cost ~15-20% of the read path in the benchmark).
@@ -82,6 +83,10 @@ class BlockCache:
         self._pressure = trio.Event()
         self._io = trio.CapacityLimiter(4)  # threads hashing, writing and syncing blocks
         self._uncommitted = False
+        # (file object, index, block id) learnt by hashing here, not yet
+        # reported; collected only when there is a control plane to tell.
+        self.report_learned = False
+        self.learned: list[tuple[str, int, str]] = []
 
     # -- start and stop ----------------------------------------------------
 
@@ -269,11 +274,22 @@ class BlockCache:
             log.warning("cannot record the verification of %s: %s", fo, e)
 
     def _record_known(self, fo: str, idx: int, block_id: str) -> None:
+        known = self.known_blocks(fo)
+        first = idx not in known
         try:
             self.index.set_fo_block(fo, idx, block_id)
         except sqlite3.OperationalError as e:
             raise CacheFull(f"cache index in {self.dir}: {e}") from None
-        self.known_blocks(fo)[idx] = block_id
+        known[idx] = block_id
+        if first and self.report_learned and len(self.learned) < MAX_LEARNED:
+            self.learned.append((fo, idx, block_id))  # reported to the control plane's manifest
+
+    def learn_block(self, fo: str, idx: int, block_id: str) -> None:
+        """Take a block id from the cluster's manifest: later fetches are verified against it."""
+        known = self.known_blocks(fo)
+        if known.get(idx) != block_id:
+            self.index.set_fo_block(fo, idx, block_id)
+            known[idx] = block_id
 
     def _check_space(self, size: int) -> None:
         st = os.statvfs(self.dir)

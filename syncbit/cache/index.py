@@ -21,7 +21,7 @@ import sqlite_utils
 from ..model import Snapshot
 from .eviction import BlockStat
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS = {
     1: [
@@ -43,6 +43,13 @@ _MIGRATIONS = {
         # File objects whose whole-file digest from the source was checked.
         """CREATE TABLE fo_verified (fo TEXT PRIMARY KEY, digest TEXT NOT NULL, verified REAL NOT NULL)
                WITHOUT ROWID""",
+    ],
+    3: [
+        # Datasets the control plane assigned (vs pulled by hand), and the
+        # snapshot being prefetched before it becomes current.
+        "ALTER TABLE datasets ADD COLUMN managed INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE datasets ADD COLUMN staged TEXT",
+        "ALTER TABLE datasets ADD COLUMN switch TEXT NOT NULL DEFAULT 'complete'",
     ],
 }
 
@@ -114,7 +121,7 @@ class Index:
             """SELECT id, size, last_access, hits FROM blocks WHERE id NOT IN (
                    SELECT fb.block FROM fo_blocks fb
                    JOIN snapshot_fos sf ON sf.fo = fb.fo
-                   JOIN datasets d ON d.snapshot = sf.snapshot
+                   JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged)
                    WHERE d.pinned = 1)"""
         ).fetchall()
         return [BlockStat(*r) for r in rows]
@@ -156,17 +163,24 @@ class Index:
         row = self.db.execute("SELECT json FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return Snapshot.from_json(row[0])
 
+    def has_snapshot(self, snapshot_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM snapshots WHERE id=?", (snapshot_id,)).fetchone() is not None
+
     def datasets(self) -> list[dict]:
         return list(self.db.query("SELECT * FROM datasets ORDER BY name"))
 
     def put_dataset(self, name: str, uri: str, snapshot: str | None, pinned: bool, state: str,
-                    error: str | None, now: float, options: Mapping[str, str] | None = None) -> None:
+                    error: str | None, now: float, options: Mapping[str, str] | None = None,
+                    managed: bool = False, staged: str | None = None, switch: str = "complete") -> None:
         self.db.execute(
-            """INSERT INTO datasets (name, uri, snapshot, pinned, state, error, created, options)
-               VALUES (?,?,?,?,?,?,?,?)
+            """INSERT INTO datasets (name, uri, snapshot, pinned, state, error, created, options, managed, staged,
+                                     switch)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?)
                ON CONFLICT(name) DO UPDATE SET uri=excluded.uri, snapshot=excluded.snapshot,
-               pinned=excluded.pinned, state=excluded.state, error=excluded.error, options=excluded.options""",
-            (name, uri, snapshot, int(pinned), state, error, now, json.dumps(dict(options or {}), sort_keys=True)),
+               pinned=excluded.pinned, state=excluded.state, error=excluded.error, options=excluded.options,
+               managed=excluded.managed, staged=excluded.staged, switch=excluded.switch""",
+            (name, uri, snapshot, int(pinned), state, error, now, json.dumps(dict(options or {}), sort_keys=True),
+             int(managed), staged, switch),
         )
 
     def delete_dataset(self, name: str) -> None:
@@ -175,12 +189,10 @@ class Index:
     def gc_snapshots(self) -> None:
         """Forget snapshots no dataset points at (their block ids stay known per file object)."""
         with self.db.conn:
-            self.db.execute(
-                "DELETE FROM snapshot_fos WHERE snapshot NOT IN (SELECT snapshot FROM datasets WHERE snapshot IS NOT NULL)"
-            )
-            self.db.execute(
-                "DELETE FROM snapshots WHERE id NOT IN (SELECT snapshot FROM datasets WHERE snapshot IS NOT NULL)"
-            )
+            live = """SELECT snapshot FROM datasets WHERE snapshot IS NOT NULL
+                      UNION SELECT staged FROM datasets WHERE staged IS NOT NULL"""
+            self.db.execute(f"DELETE FROM snapshot_fos WHERE snapshot NOT IN ({live})")
+            self.db.execute(f"DELETE FROM snapshots WHERE id NOT IN ({live})")
 
     def blocks_of_snapshot(self, snapshot_id: str) -> set[str]:
         rows = self.db.execute(
@@ -192,7 +204,7 @@ class Index:
     def blocks_used_elsewhere(self, snapshot_id: str) -> set[str]:
         rows = self.db.execute(
             """SELECT fb.block FROM fo_blocks fb JOIN snapshot_fos sf ON sf.fo = fb.fo
-               JOIN datasets d ON d.snapshot = sf.snapshot WHERE sf.snapshot != ? AND d.pinned = 1""",
+               JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged) WHERE sf.snapshot != ? AND d.pinned = 1""",
             (snapshot_id,),
         ).fetchall()
         return {r[0] for r in rows}

@@ -158,9 +158,17 @@ def prefetch(name, no_wait, config_path):
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (shape in docs/cli.md).")
+@click.option("--server", "server_url", envvar="SYNCBIT_SERVER",
+              help="Show the cluster (node x dataset) from this control plane (or SYNCBIT_SERVER).")
+@click.option("--local", is_flag=True, help="This node's agent, even when SYNCBIT_SERVER is set.")
 @_config_option
-def status(as_json, config_path):
-    """Datasets, snapshots, bytes cached, cache size and quota, hit ratio."""
+def status(as_json, server_url, local, config_path):
+    """This agent's datasets and cache; or, with --server, the cluster's node x dataset matrix."""
+    if server_url and not local:
+        from .server_cmds import cluster_status
+
+        cluster_status(server_url, as_json)
+        return
     with _client(config_path) as client:
         st = client.status()
     if as_json:

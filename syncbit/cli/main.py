@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import SyncbitError
-from . import agent_cmds, demo_cmd
+from . import agent_cmds, demo_cmd, server_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +18,7 @@ def cli() -> None:
 
 
 agent_cmds.register(cli)
+server_cmds.register(cli)
 cli.add_command(demo_cmd.demo)
 
 

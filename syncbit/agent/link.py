@@ -1,0 +1,156 @@
+"""The agent's link to the control plane: heartbeats out, desired datasets in.
+
+Each heartbeat carries the node's labels, capacity and free space, the state
+of every dataset the control plane assigned here, block bitmaps of the
+snapshots it holds (only those that changed since the last accepted one) and
+the block ids it learnt by hashing since then (the progressive manifest). The
+answer lists the datasets this node should hold; the agent applies it.
+
+When the control plane is unreachable the agent carries on with what it was
+told last: it serves, prefetches from sources, keeps unreported block ids
+(bounded), and catches up at the next successful heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from ..model import Snapshot, block_count, encode_bitmap
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS_PER_HEARTBEAT = 50_000
+
+
+class ControlPlaneLink:
+    def __init__(self, agent: Agent, url: str, interval: float) -> None:
+        self.agent = agent
+        self.url = url
+        self.interval = interval
+        self.connected = False
+        self.last_ok: float | None = None
+        self._sent_bitmaps: dict[str, bytes] = {}
+        self._http: httpx.AsyncClient | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.agent.cache.report_learned = True
+        async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(30.0, connect=5.0)) as http:
+            self._http = http
+            task_status.started()
+            failures = 0
+            while True:
+                try:
+                    await self.beat()
+                    if failures:
+                        log.info("control plane %s is back", self.url)
+                    failures = 0
+                except (httpx.HTTPError, OSError, ValueError) as e:
+                    failures += 1
+                    # One warning per outage; the rest at debug level.
+                    (log.warning if failures == 1 else log.debug)(
+                        "control plane %s unreachable (%s: %s); serving and prefetching what we have",
+                        self.url, type(e).__name__, e)
+                    self.connected = False
+                await trio.sleep(self.interval if not failures else min(30.0, self.interval * 2 ** min(failures, 3)))
+
+    async def beat(self) -> None:
+        body, bitmaps, blocks = self.report()
+        r = await self._http.put(f"/v1/nodes/{self.agent.config.node_name}/heartbeat", json=body)
+        if r.status_code >= 400:
+            raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
+        answer = r.json()
+        self.connected = True
+        self.last_ok = trio.current_time()
+        self._sent_bitmaps.update(bitmaps)
+        del self.agent.cache.learned[:blocks]
+        for fo, idx, recorded in answer.get("refused_blocks", []):
+            # The cluster saw other bytes for this block first: the source
+            # served two versions. Forget ours; the next fetch checks against theirs.
+            log.error("control plane refused block %s of file object %s (cluster has %s): source changed?",
+                      idx, fo, recorded)
+            self.agent.cache.forget_file_object(fo)
+        interval = answer.get("heartbeat_interval")
+        if isinstance(interval, int | float) and 0.2 <= interval <= 300:
+            self.interval = float(interval)
+        await self.agent.apply_desired(answer.get("desired", []), self)
+
+    def report(self) -> tuple[dict, dict[str, bytes], int]:
+        agent = self.agent
+        cache = agent.cache
+        st = os.statvfs(cache.dir)
+        disk_free = max(0, st.f_bavail * st.f_frsize - agent.config.min_free_disk)
+        free = max(0, min(cache.quota - cache.bytes, disk_free))
+        datasets = {}
+        bitmaps: dict[str, bytes] = {}
+        for ds in agent.datasets.values():
+            if not ds.managed:
+                continue
+            target = ds.staged or ds.snapshot
+            if target is None:
+                continue
+            total = target.total_size
+            datasets[ds.name] = {"snapshot": target.id, "state": agent.reported_state(ds), "error": ds.error,
+                                 "bytes_cached": agent.cached_bytes(target), "bytes_total": total}
+            for snap in {s.id: s for s in (ds.snapshot, ds.staged) if s is not None}.values():
+                bits = self.bitmap(snap)
+                if self._sent_bitmaps.get(snap.id) != bits:
+                    bitmaps[snap.id] = bits
+        blocks = cache.learned[:MAX_BLOCKS_PER_HEARTBEAT]
+        body = {
+            "labels": dict(agent.config.labels), "capacity": cache.quota, "free": free,
+            "datasets": datasets,
+            "holdings": {s: encode_bitmap(b) for s, b in bitmaps.items()},
+            "blocks": [list(b) for b in blocks],
+        }
+        return body, bitmaps, len(blocks)
+
+    def bitmap(self, snap: Snapshot) -> bytes:
+        """One bit per block of the snapshot, files in snapshot order, set when the block is cached."""
+        bs = self.agent.config.block_size
+        bits = bytearray()
+        acc = n = 0
+        for entry in snap.files:
+            for idx in range(block_count(entry.size, bs)):
+                if self.agent.cache.present_block(entry.file_object, idx) is not None:
+                    acc |= 1 << (7 - n)
+                n += 1
+                if n == 8:
+                    bits.append(acc)
+                    acc = n = 0
+        if n:
+            bits.append(acc)
+        return bytes(bits)
+
+    async def snapshot(self, snapshot_id: str) -> Snapshot:
+        r = await self._http.get(f"/v1/snapshots/{snapshot_id}")
+        r.raise_for_status()
+        return Snapshot.from_json(r.text)
+
+    async def seed_manifest(self, snap: Snapshot) -> int:
+        """Learn the block ids the cluster already knows for this snapshot; returns how many."""
+        if self._http is None:  # not connected yet (a prefetch resumed at start)
+            return 0
+        fos = sorted({f.file_object for f in snap.files})
+        try:
+            r = await self._http.post("/v1/manifest", json={"file_objects": fos})
+            r.raise_for_status()
+            blocks = r.json()["blocks"]
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            log.debug("no manifest from the control plane for %s: %s", snap.id, e)
+            return 0
+        n = 0
+        for fo, by_idx in blocks.items():
+            for idx, block_id in by_idx.items():
+                self.agent.cache.learn_block(fo, int(idx), block_id)
+                n += 1
+        if n:
+            log.info("learnt %d block ids from the control plane for snapshot %s", n, snap.revision)
+        return n

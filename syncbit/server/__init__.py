@@ -1,0 +1,1 @@
+"""The control plane (``syncbit server``): datasets, assignments, scheduling, node state."""

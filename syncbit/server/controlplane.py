@@ -1,0 +1,332 @@
+"""The control plane's behaviour: datasets, assignments, node liveness, scheduling, reports.
+
+``ControlPlane`` owns the store and the in-memory liveness table, and is what
+the HTTP API calls. It resolves sources itself (``dataset add``/``update``),
+so every node receives the same pinned snapshot. Scheduling runs after
+anything that can change a placement: an assignment, a node going up or
+down, a node's labels or free space changing, a new snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import ConfigError, DatasetNotFound
+from ..model import decode_bitmap
+from ..sources import open_source
+from .scheduler import Assignment, NodeView, place
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "syncing", "ready", "failed")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+MAX_BLOCK_REPORTS = 100_000  # per heartbeat
+
+
+@dataclass
+class Liveness:
+    last_seen: float
+    up: bool
+
+
+def check_name(name: object, what: str = "dataset") -> str:
+    if not isinstance(name, str) or not (_NAME if what == "dataset" else _NODE).match(name):
+        raise ConfigError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit")
+    return name
+
+
+class ControlPlane:
+    def __init__(self, store: Store, *, node_down_after: float = 30.0, heartbeat_interval: float = 5.0) -> None:
+        self.store = store
+        self.node_down_after = node_down_after
+        self.heartbeat_interval = heartbeat_interval
+        self.live: dict[str, Liveness] = {}
+        self.changed = trio.Event()  # fires on any placement or node state change (wait, status)
+        self.heartbeats = 0
+        for n in store.nodes():
+            # After a restart every node gets a fresh grace period before it counts as down.
+            self.live[n["name"]] = Liveness(time.monotonic(), n["up"])
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- datasets -------------------------------------------------------------
+
+    async def add_dataset(self, name: str, uri: str, options: Mapping[str, str] | None = None) -> dict:
+        check_name(name)
+        if self.store.dataset(name) is not None:
+            raise ConfigError(f"dataset {name!r} exists (use 'syncbit dataset update' for a new snapshot)")
+        snap = await self._resolve(uri, options or {})
+        self.store.put_dataset(name, uri, options or {}, snap)
+        log.info("dataset %s: %s, snapshot %s (%d files, %d bytes)", name, uri, snap.revision, len(snap.files),
+                 snap.total_size)
+        self.reschedule()
+        return self.dataset_view(name)
+
+    async def update_dataset(self, name: str, revision: str | None = None) -> dict:
+        ds = self._dataset(name)
+        uri = ds["uri"]
+        if revision is not None:
+            uri = with_revision(uri, revision)
+        snap = await self._resolve(uri, ds["options"])
+        if snap.id != ds["snapshot"]:
+            self.store.put_dataset(name, uri, ds["options"], snap)
+            log.info("dataset %s: new snapshot %s (%s)", name, snap.revision, uri)
+            self.reschedule()
+            self._notify()
+        return self.dataset_view(name)
+
+    async def _resolve(self, uri: str, options: Mapping[str, str]):
+        src = await open_source(uri, options)
+        try:
+            return await src.resolve()
+        finally:
+            await src.aclose()
+
+    def remove_dataset(self, name: str) -> None:
+        self._dataset(name)
+        self.store.delete_dataset(name)
+        log.info("dataset %s removed", name)
+        self._notify()
+
+    def _dataset(self, name: str) -> dict:
+        ds = self.store.dataset(name)
+        if ds is None:
+            raise DatasetNotFound(f"no dataset named {name!r} on the control plane")
+        return ds
+
+    def dataset_view(self, name: str) -> dict:
+        ds = self._dataset(name)
+        snap = self.store.snapshot(ds["snapshot"])
+        assignment = next((a for a in self.store.assignments() if a["dataset"] == name), None)
+        return {
+            "name": name, "uri": ds["uri"], "options": ds["options"], "snapshot": ds["snapshot"],
+            "revision": snap.revision if snap else None, "files": len(snap.files) if snap else 0,
+            "bytes_total": snap.total_size if snap else 0,
+            "assignment": assignment and {**assignment["spec"], "switch": assignment["switch"],
+                                          "problem": assignment["problem"]},
+            "nodes": {p["node"]: self._placement_view(p) for p in self.store.placements(name)},
+        }
+
+    def _placement_view(self, p: dict) -> dict:
+        live = self.live.get(p["node"])
+        return {"state": p["state"], "error": p["error"], "snapshot": p["snapshot"],
+                "bytes_cached": p["bytes_cached"], "bytes_total": p["bytes_total"],
+                "node_up": bool(live and live.up)}
+
+    # -- assignments ----------------------------------------------------------
+
+    def assign(self, dataset: str, a: Assignment, switch: str = "complete") -> dict:
+        self._dataset(dataset)
+        if switch not in ("complete", "immediate"):
+            raise ConfigError(f"switch must be 'complete' or 'immediate', got {switch!r}")
+        spec = {"nodes": list(a.nodes) if a.nodes else None, "selector": dict(a.selector) if a.selector else None,
+                "replicas": a.replicas, "spread_by": a.spread_by}
+        self.store.put_assignment(dataset, spec, switch)
+        self.reschedule()
+        return self.dataset_view(dataset)
+
+    def unassign(self, dataset: str) -> None:
+        self._dataset(dataset)
+        self.store.delete_assignment(dataset)
+        log.info("dataset %s unassigned", dataset)
+        self._notify()
+
+    def reschedule(self) -> None:
+        """Recompute every assignment's placements (cheap: pure, in memory, a few rows per change)."""
+        nodes = self._node_views()
+        changed = False
+        for row in self.store.assignments():
+            ds = self.store.dataset(row["dataset"])
+            if ds is None:
+                continue
+            snap = self.store.snapshot(ds["snapshot"])
+            spec = row["spec"]
+            a = Assignment(row["dataset"], tuple(spec["nodes"]) if spec.get("nodes") else None,
+                           spec.get("selector"), spec.get("replicas"), spec.get("spread_by"))
+            current = {p["node"] for p in self.store.placements(row["dataset"])}
+            placement = place(a, nodes, snap.total_size if snap else 0, current)
+            added, removed = self.store.set_placements(row["dataset"], placement.nodes, ds["snapshot"])
+            if placement.problem != row["problem"]:
+                self.store.set_assignment_problem(row["dataset"], placement.problem)
+                if placement.problem:
+                    log.warning("dataset %s: %s", row["dataset"], placement.problem)
+                changed = True
+            if added or removed:
+                log.info("dataset %s: placed on %s%s", row["dataset"], ", ".join(placement.nodes) or "no node",
+                         f" (removed from {', '.join(sorted(removed))})" if removed else "")
+                changed = True
+        if changed:
+            self._notify()
+
+    def _node_views(self) -> list[NodeView]:
+        held: dict[str, dict[str, int]] = {}
+        for p in self.store.placements():
+            held.setdefault(p["node"], {})[p["dataset"]] = p["bytes_cached"]
+        return [NodeView(n["name"], n["labels"], self._is_up(n["name"]), n["free"], held.get(n["name"], {}))
+                for n in self.store.nodes()]
+
+    def _is_up(self, name: str) -> bool:
+        live = self.live.get(name)
+        return bool(live and live.up)
+
+    # -- nodes ------------------------------------------------------------------
+
+    def heartbeat(self, name: str, body: Mapping) -> dict:
+        check_name(name, "node")
+        labels = body.get("labels", {})
+        if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in labels.items()):
+            raise ConfigError("labels must be an object of strings")
+        capacity, free = _int(body, "capacity"), _int(body, "free")
+        now = time.time()
+        self.heartbeats += 1
+        live = self.live.get(name)
+        row = self._node_row(name)
+        reschedule = live is None or not live.up or row is None
+        if reschedule:
+            log.info("node %s %s (labels %s)", name, "registered" if row is None else "is up", dict(labels))
+        self.live[name] = Liveness(time.monotonic(), True)
+        if row is None or row["labels"] != dict(labels) or _free_changed(row["free"], free) or not row["up"]:
+            if row is not None and (row["labels"] != dict(labels) or _free_changed(row["free"], free)):
+                reschedule = True
+            self.store.put_node(name, labels, capacity, free, True, now)
+        notify = False
+        datasets = body.get("datasets", {})
+        if not isinstance(datasets, Mapping):
+            raise ConfigError("datasets must be an object")
+        for ds_name, rep in datasets.items():
+            if not isinstance(rep, Mapping) or rep.get("state") not in STATES:
+                raise ConfigError(f"dataset report {ds_name!r}: needs a state in {', '.join(STATES)}")
+            if self.store.report(name, str(ds_name), str(rep.get("snapshot")), rep["state"],
+                                 rep.get("error") if isinstance(rep.get("error"), str) else None,
+                                 _int(rep, "bytes_cached"), _int(rep, "bytes_total")):
+                notify = True
+                log.info("node %s: dataset %s is %s%s", name, ds_name, rep["state"],
+                         f" ({rep.get('error')})" if rep.get("error") else "")
+            elif rep.get("state") == "syncing":
+                notify = True  # progress for waiters and status
+        refused = self._blocks(name, body.get("blocks", []))
+        holdings = body.get("holdings", {})
+        if holdings:
+            if not isinstance(holdings, Mapping):
+                raise ConfigError("holdings must be an object of snapshot -> bitmap")
+            self.store.put_holdings(name, {str(s): decode_bitmap(b) for s, b in holdings.items()})
+        if reschedule:
+            self.reschedule()
+        if notify:
+            self._notify()
+        return {"desired": self.desired(name), "refused_blocks": refused,
+                "heartbeat_interval": self.heartbeat_interval}
+
+    def _node_row(self, name: str) -> dict | None:
+        row = self.store.db.execute("SELECT labels, free, up FROM nodes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return None
+        return {"labels": json.loads(row[0]), "free": row[1], "up": bool(row[2])}
+
+    def _blocks(self, node: str, reports) -> list:
+        if not isinstance(reports, list) or len(reports) > MAX_BLOCK_REPORTS:
+            raise ConfigError(f"blocks must be a list of at most {MAX_BLOCK_REPORTS} [fo, index, id] items")
+        clean = []
+        for item in reports:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and isinstance(item[1], int) and isinstance(item[2], str) and len(item[2]) == 64):
+                raise ConfigError(f"malformed block report {item!r}: expected [file object, index, BLAKE3 hex id]")
+            clean.append(tuple(item))
+        refused = self.store.record_blocks(node, clean)
+        for fo, idx, got, recorded in refused:
+            log.warning("node %s reported block %s of file object %s as %s, but %s is recorded: refused",
+                        node, idx, fo, got, recorded)
+        return [[fo, idx, recorded] for fo, idx, _, recorded in refused]
+
+    def desired(self, node: str) -> list[dict]:
+        out = []
+        switches = {a["dataset"]: a["switch"] for a in self.store.assignments()}
+        for p in self.store.placements(node=node):
+            ds = self.store.dataset(p["dataset"])
+            if ds is None:
+                continue
+            out.append({"dataset": p["dataset"], "uri": ds["uri"], "options": ds["options"],
+                        "snapshot": p["snapshot"], "switch": switches.get(p["dataset"], "complete")})
+        return out
+
+    def check_liveness(self) -> None:
+        """Mark nodes that missed heartbeats for ``node_down_after`` as down (and re-place their replicas)."""
+        now = time.monotonic()
+        down = [n for n, live in self.live.items() if live.up and now - live.last_seen > self.node_down_after]
+        for n in down:
+            self.live[n].up = False
+            self.store.set_node_up(n, False, time.time())
+            log.warning("node %s is down (no heartbeat for %.0fs)", n, now - self.live[n].last_seen)
+        if down:
+            self.reschedule()
+            self._notify()
+
+    def nodes_view(self) -> list[dict]:
+        per_node: dict[str, dict] = {}
+        for p in self.store.placements():
+            per_node.setdefault(p["node"], {})[p["dataset"]] = p["state"]
+        return [{"name": n["name"], "labels": n["labels"], "up": self._is_up(n["name"]),
+                 "capacity": n["capacity"], "free": n["free"], "last_seen": n["last_seen"],
+                 "datasets": per_node.get(n["name"], {})} for n in self.store.nodes()]
+
+    def status(self) -> dict:
+        return {"nodes": self.nodes_view(), "datasets": [self.dataset_view(d["name"]) for d in self.store.datasets()]}
+
+    def wait_state(self, name: str, node: str | None) -> tuple[str, str | None]:
+        """("ready" | "failed" | "waiting", reason) for a dataset on one node or on all its placements."""
+        ds = self.dataset_view(name)
+        nodes = ds["nodes"]
+        if node is not None:
+            if node not in nodes:
+                return "waiting", f"dataset {name} is not placed on node {node}"
+            nodes = {node: nodes[node]}
+        if not nodes:
+            problem = (ds["assignment"] or {}).get("problem") if ds["assignment"] else "not assigned to any node"
+            return "waiting", f"dataset {name} is not placed on any node ({problem})"
+        failed = {n: p for n, p in nodes.items() if p["state"] == "failed"}
+        if failed:
+            return "failed", "; ".join(f"{n}: {p['error']}" for n, p in sorted(failed.items()))
+        waiting = sorted(n for n, p in nodes.items() if p["state"] != "ready" or p["snapshot"] != ds["snapshot"])
+        if waiting:
+            return "waiting", "not ready on " + ", ".join(
+                f"{n} ({nodes[n]['state']}{'' if nodes[n]['node_up'] else ', node down'})" for n in waiting)
+        return "ready", None
+
+
+def _int(body: Mapping, key: str) -> int:
+    v = body.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _free_changed(old: int, new: int) -> bool:
+    # Free space moves all the time; only a change that could matter to placement reschedules.
+    return abs(old - new) > max(old, new) * 0.05
+
+
+def with_revision(uri: str, revision: str) -> str:
+    """The same source at another revision (hf:// only: the other sources have no revisions)."""
+    if not uri.startswith("hf://"):
+        raise ConfigError("only hf:// datasets have revisions; 'dataset update' without --revision re-lists the source")
+    from urllib.parse import quote
+
+    from ..sources.hf import parse_hf
+
+    repo_type, repo_id, _, subdir = parse_hf(uri)
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    return f"hf://{prefix}{repo_id}@{quote(revision, safe='')}" + (f"/{subdir}" if subdir else "")
+

@@ -1,0 +1,291 @@
+"""A control plane and several agents as separate processes on loopback, each agent with its own
+cache dir, mountpoint and socket; datasets from a real HTTP origin."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import write_tree
+
+BS = 256 * 1024
+
+
+def cli(server, *args, check=True, timeout=120):
+    r = subprocess.run([sys.executable, "-m", "syncbit", *args, "--server", server.url], capture_output=True,
+                       text=True, timeout=timeout, env={k: v for k, v in os.environ.items()
+                                                        if not k.startswith("SYNCBIT_")})
+    if check and r.returncode != 0:
+        raise AssertionError(f"syncbit {' '.join(args)} exited {r.returncode}: {r.stderr}\n{server.log()[-3000:]}")
+    return r
+
+
+def agents_for(agent_factory, server, labels_by_node, **config):
+    return {name: agent_factory(name, node_name=name, server=server.url, heartbeat_interval="0.5s", block_size=BS,
+                                labels=labels, **config)
+            for name, labels in labels_by_node.items()}
+
+
+def wait_until(pred, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def placed(server, name) -> set[str]:
+    return set(server.api("GET", f"/v1/datasets/{name}").json()["nodes"])
+
+
+def dataset_files(seed=1):
+    rnd = random.Random(seed)
+    return {"weights.bin": rnd.randbytes(3 * BS + 77), "config.json": b'{"a": 1}', "sub/tok.txt": b"t" * 1000}
+
+
+def test_selector_replicas_spread_restarts_and_unassign(tmp_path, origin_factory, server_factory, agent_factory):
+    files = dataset_files()
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory(node_down_after="60s")  # an agent restart is not a node failure here
+    agents = agents_for(agent_factory, server, {
+        "n0": {"gpu": "h100", "zone": "a"}, "n1": {"gpu": "h100", "zone": "a"}, "n2": {"gpu": "h100", "zone": "b"},
+        "n3": {"gpu": "a10", "zone": "b"}})
+    wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 4, what="4 nodes registered")
+
+    cli(server, "dataset", "add", "llama", origin.url)
+    r = cli(server, "assign", "llama", "--selector", "gpu=h100", "--replicas", "2", "--spread-by", "zone")
+    nodes = placed(server, "llama")
+    assert len(nodes) == 2 and "n2" in nodes and "n3" not in nodes, (nodes, r.stdout)  # one per zone
+    cli(server, "wait", "llama", "--timeout", "60")
+    for name, agent in agents.items():
+        if name in nodes:
+            for rel, data in files.items():
+                assert (agent.mnt / "llama" / rel).read_bytes() == data
+            assert agent.dataset("llama")["state"] == "ready"
+        else:
+            assert not (agent.mnt / "llama").exists()
+    status = json.loads(cli(server, "status", "--json").stdout)
+    matrix = {d["name"]: {n: p["state"] for n, p in d["nodes"].items()} for d in status["datasets"]}
+    assert matrix == {"llama": {n: "ready" for n in nodes}}
+
+    # The control plane restarts: state kept; agents serve meanwhile.
+    server.stop()
+    one = agents[sorted(nodes)[0]]
+    assert (one.mnt / "llama" / "weights.bin").read_bytes() == files["weights.bin"]
+    server.start()
+    assert placed(server, "llama") == nodes
+    assert [d["name"] for d in json.loads(cli(server, "dataset", "ls", "--json").stdout)] == ["llama"]
+    cli(server, "wait", "llama", "--timeout", "30")
+
+    # An agent restarts: it comes back ready from its cache, without refetching.
+    sent = origin.bytes_sent
+    one.stop()
+    one.start()
+    cli(server, "wait", "llama", "--node", one.config["node_name"], "--timeout", "30")
+    assert origin.bytes_sent == sent
+
+    # Unassigned: nodes unpin it; the data stays readable (eviction may take it).
+    cli(server, "unassign", "llama")
+    wait_until(lambda: all(not agents[n].dataset("llama")["pinned"] for n in nodes), what="unpinned")
+    assert (one.mnt / "llama" / "config.json").read_bytes() == files["config.json"]
+
+
+def test_node_killed_and_replaced(tmp_path, origin_factory, server_factory, agent_factory):
+    files = dataset_files(2)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory(node_down_after="2s")
+    agents = agents_for(agent_factory, server, {f"n{i}": {"role": "train"} for i in range(3)})
+    wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 3, what="3 nodes")
+    cli(server, "dataset", "add", "set", origin.url)
+    cli(server, "assign", "set", "--selector", "role=train", "--replicas", "2")
+    cli(server, "wait", "set", "--timeout", "60")
+    before = placed(server, "set")
+    victim = sorted(before)[0]
+    agents[victim].kill9()
+    wait_until(lambda: victim not in placed(server, "set") and len(placed(server, "set")) == 2, timeout=30,
+               what="replacement placed")
+    after = placed(server, "set")
+    (spare,) = after - before
+    cli(server, "wait", "set", "--timeout", "60")
+    assert (agents[spare].mnt / "set" / "weights.bin").read_bytes() == files["weights.bin"]
+    nodes = {n["name"]: n["up"] for n in server.api("GET", "/v1/nodes").json()["nodes"]}
+    assert nodes[victim] is False and all(nodes[n] for n in after)
+    assert f"node {victim} is down" in server.log()
+
+
+def test_wait_ready_failed_and_timeout(tmp_path, origin_factory, server_factory, agent_factory):
+    files = dataset_files(3)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    agents_for(agent_factory, server, {"n0": {"zone": "a"}}, fetch_deadline="2s")
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="node")
+    cli(server, "dataset", "add", "ok", origin.url)
+    # Nothing matches: wait times out and says why.
+    cli(server, "assign", "ok", "--selector", "zone=mars")
+    r = cli(server, "wait", "ok", "--timeout", "2", check=False)
+    assert r.returncode == 18 and "no eligible node" in r.stderr and "labels do not match" in r.stderr
+    r = cli(server, "wait", "ok", "--node", "n9", "--timeout", "1", check=False)
+    assert r.returncode == 18 and "not placed on node n9" in r.stderr
+    cli(server, "assign", "ok", "--nodes", "n0")
+    assert cli(server, "wait", "ok", "--node", "n0", "--timeout", "60").stdout.strip() == "ok: ready on n0"
+
+    # A dataset whose origin is gone by the time the node fetches it fails, and wait says so.
+    other = tmp_path / "src2"
+    origin2 = origin_factory(write_tree(other, {"x.bin": b"x" * (2 * BS)}))
+    cli(server, "dataset", "add", "doomed", origin2.url)
+    origin2.stop()
+    cli(server, "assign", "doomed", "--nodes", "n0")
+    r = cli(server, "wait", "doomed", "--timeout", "60", check=False)
+    assert r.returncode == 15 and "n0:" in r.stderr and "x.bin" in r.stderr
+
+
+def test_new_revision_rolls_out_while_a_reader_holds_the_old_file(tmp_path, origin_factory, server_factory,
+                                                                 agent_factory):
+    src = tmp_path / "src"
+    old = dataset_files(4)
+    origin = origin_factory(write_tree(src, old))
+    server = server_factory()
+    agents = agents_for(agent_factory, server, {"n0": {}, "n1": {}})
+    wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 2, what="nodes")
+    cli(server, "dataset", "add", "m", origin.url)
+    cli(server, "assign", "m", "--nodes", "n0,n1")
+    cli(server, "wait", "m", "--timeout", "60")
+    rev1 = server.api("GET", "/v1/datasets/m").json()["revision"]
+
+    reader = open(agents["n0"].mnt / "m" / "weights.bin", "rb")  # noqa: SIM115 (held across the update)
+    try:
+        first = reader.read(BS)
+        new = random.Random(5).randbytes(3 * BS + 77)
+        (src / "weights.bin").write_bytes(new)
+        os.utime(src / "weights.bin", (time.time() + 5, time.time() + 5))
+        r = cli(server, "dataset", "update", "m")
+        rev2 = server.api("GET", "/v1/datasets/m").json()["revision"]
+        assert rev2 != rev1, r.stdout
+        cli(server, "wait", "m", "--timeout", "60")
+        for a in agents.values():
+            wait_until(lambda a=a: a.dataset("m")["revision"] == rev2, what="switch")
+            assert (a.mnt / "m" / "weights.bin").read_bytes() == new
+        # The open file still reads the snapshot it opened, to the end.
+        assert first + reader.read() == old["weights.bin"]
+    finally:
+        reader.close()
+
+
+def test_progressive_manifest_verifies_later_fetches_and_refuses_conflicts(tmp_path, origin_factory,
+                                                                           server_factory, agent_factory):
+    files = {"w.bin": random.Random(6).randbytes(2 * BS)}
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    a0 = agents_for(agent_factory, server, {"n0": {}})["n0"]
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="node")
+    cli(server, "dataset", "add", "d", origin.url)
+    snap = server.api("GET", "/v1/datasets/d").json()["snapshot"]
+    fo = server.api("GET", f"/v1/snapshots/{snap}").json()["files"][0]["file_object"]
+    # A liar reports ids for the file's blocks before anyone fetched them.
+    forged = [[fo, 0, "0" * 64], [fo, 1, "1" * 64]]
+    r = server.api("PUT", "/v1/nodes/liar/heartbeat", json={"capacity": 1, "free": 1, "blocks": forged})
+    assert r.status_code == 200 and r.json()["refused_blocks"] == []
+    cli(server, "assign", "d", "--nodes", "n0")
+    r = cli(server, "wait", "d", "--timeout", "60", check=False)
+    # The agent verified what the source sent against the cluster's manifest: mismatch, never served.
+    assert r.returncode == 15 and "differ from the ones recorded" in r.stderr
+    with pytest.raises(OSError):
+        (a0.mnt / "d" / "w.bin").read_bytes()
+    # A conflicting report for a recorded block is refused and logged.
+    r = server.api("PUT", "/v1/nodes/liar/heartbeat", json={"capacity": 1, "free": 1,
+                                                            "blocks": [[fo, 0, "2" * 64]]})
+    assert r.json()["refused_blocks"] == [[fo, 0, "0" * 64]]
+    assert "refused" in server.log()
+
+
+def test_manifest_from_the_first_node_is_used_by_the_next(tmp_path, origin_factory, server_factory, agent_factory):
+    files = dataset_files(7)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    agents = agents_for(agent_factory, server, {"n0": {"r": "1"}, "n1": {"r": "2"}})
+    wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 2, what="nodes")
+    cli(server, "dataset", "add", "d", origin.url)
+    cli(server, "assign", "d", "--nodes", "n0")
+    cli(server, "wait", "d", "--timeout", "60")
+    snap = server.api("GET", "/v1/snapshots/" + server.api("GET", "/v1/datasets/d").json()["snapshot"]).json()
+    fos = [f["file_object"] for f in snap["files"]]
+    wait_until(lambda: len(server.api("POST", "/v1/manifest", json={"file_objects": fos}).json()["blocks"]) == 3,
+               what="block ids reported")
+    cli(server, "assign", "d", "--nodes", "n0,n1")
+    cli(server, "wait", "d", "--timeout", "60")
+    # n1 took the 6 block ids n0 reported and checked its own fetches against them.
+    assert "learnt 6 block ids from the control plane" in agents["n1"].log()
+    for rel, data in files.items():
+        assert (agents["n1"].mnt / "d" / rel).read_bytes() == data
+
+
+def test_agents_keep_working_while_the_control_plane_is_down(tmp_path, origin_factory, server_factory,
+                                                             agent_factory):
+    files = {"big.bin": random.Random(8).randbytes(40 * BS)}
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    origin.rate = 2 * 2**20  # slow enough to still be syncing when the control plane goes
+    server = server_factory()
+    agent = agents_for(agent_factory, server, {"n0": {}})["n0"]
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="node")
+    cli(server, "dataset", "add", "d", origin.url)
+    cli(server, "assign", "d", "--nodes", "n0")
+    wait_until(lambda: any(d["name"] == "d" for d in agent.status()["datasets"]), what="assignment received")
+    server.stop()
+    origin.rate = None
+    wait_until(lambda: agent.dataset("d")["state"] == "ready", timeout=60, what="prefetch without the server")
+    assert (agent.mnt / "d" / "big.bin").read_bytes() == files["big.bin"]
+    assert "unreachable" in agent.log()
+    server.start()
+    cli(server, "wait", "d", "--node", "n0", "--timeout", "30")  # the agent caught up with its report
+
+
+def test_bad_api_input_gets_4xx_with_a_message(tmp_path, origin_factory, server_factory):
+    origin = origin_factory(write_tree(tmp_path / "src", {"a": b"a"}))
+    server = server_factory()
+    assert server.api("POST", "/v1/datasets", json={"name": "ok", "uri": origin.url}).status_code == 201
+    cases = [
+        ("POST", "/v1/datasets", {"content": b"{not json"}, 400),
+        ("POST", "/v1/datasets", {"json": []}, 400),
+        ("POST", "/v1/datasets", {"json": {"name": 5, "uri": origin.url}}, 400),
+        ("POST", "/v1/datasets", {"json": {"name": "../etc", "uri": origin.url}}, 400),
+        ("POST", "/v1/datasets", {"json": {"name": "x", "uri": "gopher://h/x"}}, 400),
+        ("POST", "/v1/datasets", {"json": {"name": "x", "uri": "s3://"}}, 400),
+        ("POST", "/v1/datasets", {"json": {"name": "x", "uri": origin.url + "nope/"}}, 404),
+        ("POST", "/v1/datasets", {"json": {"name": "ok", "uri": origin.url}}, 400),  # exists
+        ("POST", "/v1/datasets", {"content": b"{" + b" " * (17 * 2**20) + b"}"}, 413),
+        ("GET", "/v1/datasets/unknown", {}, 404),
+        ("DELETE", "/v1/datasets/unknown", {}, 404),
+        ("PUT", "/v1/datasets/unknown/assignment", {"json": {"nodes": ["a"]}}, 404),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"selector": "gpu"}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"selector": "gpu=h100", "replicas": "two"}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"selector": "gpu=h100", "replicas": 0}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"selector": "gpu=h100", "nodes": ["a"]}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"selector": "g!=x"}}, 400),
+        ("PUT", "/v1/datasets/ok/assignment", {"json": {"nodes": ["a/b"]}}, 400),
+        ("POST", "/v1/datasets/ok/update", {"json": {"revision": "v2"}}, 400),  # http has no revisions
+        ("PUT", "/v1/nodes/n1/heartbeat", {"json": {"capacity": -1}}, 400),
+        ("PUT", "/v1/nodes/n1/heartbeat", {"json": {"datasets": {"ok": {"state": "bogus"}}}}, 400),
+        ("PUT", "/v1/nodes/n1/heartbeat", {"json": {"holdings": {"s": "!!not base64"}}}, 400),
+        ("PUT", "/v1/nodes/n1/heartbeat", {"json": {"blocks": [["fo", "zero", "id"]]}}, 400),
+        ("PUT", "/v1/nodes/n1/heartbeat", {"json": {"labels": ["a"]}}, 400),
+        ("PUT", "/v1/nodes/bad%20name/heartbeat", {"json": {}}, 400),
+        ("GET", "/v1/snapshots/nope", {}, 404),
+        ("GET", "/v1/datasets/ok/wait?timeout=abc", {}, 400),
+        ("POST", "/v1/manifest", {"json": {"file_objects": "x"}}, 400),
+    ]
+    for method, path, kw, want in cases:
+        r = server.api(method, path, **kw)
+        assert r.status_code == want, (method, path, r.status_code, r.text[:200])
+        body = r.json()
+        assert body["message"] and body["error"], body
+    assert server.api("GET", "/v1/datasets/ok").status_code == 200
+    metrics = server.api("GET", "/metrics").text
+    assert "syncbit_server_heartbeat_seconds_count" in metrics and "syncbit_server_datasets 1.0" in metrics
