@@ -102,6 +102,10 @@ class Agent:
                 await nursery.start(serve_api, self, self.config.socket)
                 if self.link is not None:
                     await nursery.start(self.link.run)
+                if self.config.metrics_listen:
+                    from .api import serve_metrics
+
+                    await nursery.start(serve_metrics, self, self.config.metrics_listen)
                 nursery.start_soon(self._signals)
                 log.info("agent %s serving %s (socket %s)", self.config.node_name, self.config.mountpoint,
                          self.config.socket)

@@ -17,7 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigError, DatasetNotFound, SyncbitError
@@ -88,6 +88,7 @@ def build_app(agent: Agent) -> Starlette:
         return JSONResponse({"ok": True})
 
     return Starlette(routes=[
+        Route("/metrics", metrics_endpoint(agent)),
         Route("/v1/status", status),
         Route("/v1/datasets", add_dataset, methods=["POST"]),
         Route("/v1/datasets/{name}", get_dataset),
@@ -95,6 +96,24 @@ def build_app(agent: Agent) -> Starlette:
         Route("/v1/datasets/{name}/evict", evict, methods=["POST"]),
         Route("/v1/shutdown", shutdown, methods=["POST"]),
     ])
+
+
+def metrics_endpoint(agent: Agent):
+    async def metrics(request: Request):
+        from ..metrics import render
+
+        return Response(render(agent), media_type="text/plain; version=0.0.4")
+    return metrics
+
+
+async def serve_metrics(agent: Agent, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """``/metrics`` alone over TCP for Prometheus; the local API stays on its private socket."""
+    cfg = HypercornConfig()
+    cfg.bind = [listen]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("syncbit.agent.metrics.server")
+    cfg.graceful_timeout = 1.0
+    await serve(Starlette(routes=[Route("/metrics", metrics_endpoint(agent))]), cfg, task_status=task_status)
 
 
 async def serve_api(agent: Agent, socket_path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

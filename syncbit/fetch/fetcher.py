@@ -24,11 +24,14 @@ import trio
 
 from ..cache import BlockCache
 from ..errors import BlockCorrupt, DigestMismatch, FetchFailed, SourceChanged, SyncbitError, collapse_groups
+from ..metrics import BYTES, FETCH_SECONDS
 from ..model import FileEntry, block_count, block_span
 from ..sources.base import Source
 from ..sources.retry import Retrier
 
 log = logging.getLogger(__name__)
+_FROM_SOURCE = BYTES.labels(origin="source")
+_SOURCE_LATENCY = FETCH_SECONDS.labels(origin="source")
 
 # Blocks received and not yet stored, across all runs: bounds the memory of
 # fetching (16 x 4 MiB) whatever the number of runs.
@@ -273,12 +276,15 @@ class Fetcher:
         def want() -> int:
             return block_span(entry.size, self.block_size, todo[0])[1]
 
+        started = trio.current_time()
+
         async def hand_off(data: bytes) -> None:
             await slots.acquire()  # backpressure: bounded blocks in memory
-            stores.start_soon(self._complete, entry, todo.pop(0), data, slots)
+            stores.start_soon(self._complete, entry, todo.pop(0), data, slots, started)
 
         async def sink(chunk: bytes) -> None:
             self.bytes_from_source += len(chunk)
+            _FROM_SOURCE.inc(len(chunk))
             if not buf and todo and len(chunk) == want():
                 await hand_off(chunk)  # a chunk that is exactly a block: no copy
                 return
@@ -293,7 +299,8 @@ class Fetcher:
         if todo:
             raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")
 
-    async def _complete(self, entry: FileEntry, idx: int, data: bytes, slots: trio.Semaphore) -> None:
+    async def _complete(self, entry: FileEntry, idx: int, data: bytes, slots: trio.Semaphore,
+                        started: float) -> None:
         expected = self.cache.known_blocks(entry.file_object).get(idx)
         try:
             await self.cache.put(entry.file_object, idx, data, expected)
@@ -304,6 +311,7 @@ class Fetcher:
             slots.release()
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
+        _SOURCE_LATENCY.observe(trio.current_time() - started)
         if (entry.digest and self._nursery is not None
                 and len(self.cache.known_blocks(entry.file_object)) == block_count(entry.size, self.block_size)
                 and entry.file_object not in self._verifying):

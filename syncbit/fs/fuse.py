@@ -19,10 +19,12 @@ import pyfuse3
 from ..cache import BlockCache
 from ..errors import SyncbitError
 from ..fetch import Fetcher
+from ..metrics import BYTES
 from ..model import FileEntry, Snapshot
 from ..sources.base import Source
 from .vfs import ROOT_INODE, Node, Vfs
 
+_SERVED = BYTES.labels(origin="cache")  # bound once: the read path stays cheap
 log = logging.getLogger(__name__)
 
 # Snapshots are immutable, so the kernel may cache names and attributes long;
@@ -168,7 +170,9 @@ class SyncbitFS(pyfuse3.Operations):
             base = idx * bs
             lo = max(off, base) - base
             parts.append(os.pread(fd, min(end, base + bs) - base - lo, lo))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        _SERVED.inc(len(data))
+        return data
 
     def _local_fd(self, h: OpenFile, idx: int, sequential: bool) -> int | None:
         """The fast path: a descriptor of block ``idx`` if it is cached; never awaits."""

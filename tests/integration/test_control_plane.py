@@ -289,3 +289,29 @@ def test_bad_api_input_gets_4xx_with_a_message(tmp_path, origin_factory, server_
     assert server.api("GET", "/v1/datasets/ok").status_code == 200
     metrics = server.api("GET", "/metrics").text
     assert "syncbit_server_heartbeat_seconds_count" in metrics and "syncbit_server_datasets 1.0" in metrics
+
+
+def test_agent_metrics_over_tcp_and_the_local_socket(tmp_path, origin_factory, agent_factory):
+    import httpx
+
+    from tests.conftest import _free_port
+
+    files = dataset_files(9)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    port = _free_port()
+    agent = agent_factory(block_size=BS, metrics_listen=f"127.0.0.1:{port}")
+    agent.cli("pull", origin.url, "--name", "d")
+    for rel in files:
+        (agent.mnt / "d" / rel).read_bytes()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    total = sum(map(len, files.values()))
+    assert values['syncbit_agent_bytes_total{origin="source"}'] == total
+    assert values['syncbit_agent_bytes_total{origin="cache"}'] >= total
+    assert values['syncbit_agent_dataset_bytes{dataset="d",kind="cached"}'] == total
+    assert values["syncbit_agent_block_fetch_seconds_count{origin=\"source\"}"] == 6
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.sock))) as c:
+        assert "syncbit_agent_cache_bytes" in c.get("http://agent/metrics").text
+    # Only /metrics on the TCP port: the API that registers datasets stays on the private socket.
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=10).status_code == 404
