@@ -469,7 +469,10 @@ class Agent:
         stats = self.cache.statistics()
         return {
             "node_name": self.config.node_name,
+            "pid": os.getpid(),
             "mountpoint": self.config.mountpoint,
+            "control_plane": None if self.link is None else {
+                "url": self.link.url, "connected": self.link.connected},
             "uptime_seconds": round(time.time() - self.started, 1),
             "cache": {
                 "dir": str(self.cache.dir),

@@ -48,11 +48,12 @@ def _detach(cfg: AgentConfig, argv: list[str]) -> None:
                 tail = open(log_path, errors="replace").read()[-2000:]
                 raise MountError(f"the agent exited with status {proc.returncode}; its log {log_path} ends:\n{tail}")
             try:
-                client.status()
-                click.echo(f"agent {proc.pid} is serving {cfg.mountpoint} (log: {log_path})")
-                return
+                if client.status().get("pid") == proc.pid:  # ours, not another agent on that socket
+                    click.echo(f"agent {proc.pid} is serving {cfg.mountpoint} (log: {log_path})")
+                    return
             except AgentNotRunning:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
     proc.terminate()
     raise MountError(f"the agent did not come up within 60s; see {log_path}")
 
