@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlite_utils
 
 from ..model import Snapshot
+from ..sqlite_tx import transaction
 from .eviction import BlockStat
 
 SCHEMA_VERSION = 3
@@ -79,10 +80,10 @@ class Index:
 
             raise ConfigError(f"cache index schema {version} is newer than this syncbit ({SCHEMA_VERSION})")
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            with self.db.conn:
+            with transaction(self.db.conn):
                 for stmt in _MIGRATIONS[v]:
                     self.db.execute(stmt)
-                meta.upsert({"key": "schema", "value": str(v)}, pk="key")
+                self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(v),))
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -103,14 +104,14 @@ class Index:
         )
 
     def remove_blocks(self, ids: Iterable[str]) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.conn.executemany("DELETE FROM blocks WHERE id=?", [(i,) for i in ids])
 
     def checksums_since(self, since: float) -> list[tuple[str, str]]:
         return self.db.execute("SELECT id, checksum FROM blocks WHERE created >= ?", (since,)).fetchall()
 
     def record_access(self, updates: dict[str, tuple[float, int]]) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.conn.executemany(
                 "UPDATE blocks SET last_access=max(last_access, ?), hits=hits+? WHERE id=?",
                 [(t, n, i) for i, (t, n) in updates.items()],
@@ -137,7 +138,7 @@ class Index:
     # -- snapshots and datasets -------------------------------------------------
 
     def forget_fo(self, fo: str) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.execute("DELETE FROM fo_blocks WHERE fo=?", (fo,))
             self.db.execute("DELETE FROM fo_verified WHERE fo=?", (fo,))
 
@@ -149,7 +150,7 @@ class Index:
         self.db.execute("INSERT OR REPLACE INTO fo_verified (fo, digest, verified) VALUES (?,?,?)", (fo, digest, now))
 
     def add_snapshot(self, snap: Snapshot) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.execute(
                 "INSERT OR IGNORE INTO snapshots (id, uri, revision, json, created) VALUES (?,?,?,?,?)",
                 (snap.id, snap.uri, snap.revision, snap.to_json(), snap.created),
@@ -188,7 +189,7 @@ class Index:
 
     def gc_snapshots(self) -> None:
         """Forget snapshots no dataset points at (their block ids stay known per file object)."""
-        with self.db.conn:
+        with transaction(self.db.conn):
             live = """SELECT snapshot FROM datasets WHERE snapshot IS NOT NULL
                       UNION SELECT staged FROM datasets WHERE staged IS NOT NULL"""
             self.db.execute(f"DELETE FROM snapshot_fos WHERE snapshot NOT IN ({live})")

@@ -153,8 +153,12 @@ class ControlPlane:
                 continue
             snap = self.store.snapshot(ds["snapshot"])
             spec = row["spec"]
-            a = Assignment(row["dataset"], tuple(spec["nodes"]) if spec.get("nodes") else None,
-                           spec.get("selector"), spec.get("replicas"), spec.get("spread_by"))
+            try:
+                a = Assignment(row["dataset"], tuple(spec["nodes"]) if spec.get("nodes") else None,
+                               spec.get("selector"), spec.get("replicas"), spec.get("spread_by"))
+            except ConfigError as e:  # a row written by an older version: report it, schedule the rest
+                log.error("dataset %s: unusable assignment %s: %s", row["dataset"], spec, e)
+                continue
             current = {p["node"] for p in self.store.placements(row["dataset"])}
             placement = place(a, nodes, snap.total_size if snap else 0, current)
             added, removed = self.store.set_placements(row["dataset"], placement.nodes, ds["snapshot"])

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-_LABEL_KEY = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_LABEL_KEY = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ class Assignment:
             raise ConfigError("--replicas and --spread-by go with --selector, not with --nodes")
         if self.nodes is not None and not self.nodes:
             raise ConfigError("--nodes needs at least one node name")
+        if self.selector is not None and not self.selector:
+            raise ConfigError("an empty selector would match every node: give at least one key=value")
         if self.replicas is not None and self.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
         for k, v in (self.selector or {}).items():
             check_label(k, v)
-        if self.spread_by is not None and not _LABEL_KEY.match(self.spread_by):
+        if self.spread_by is not None and (not isinstance(self.spread_by, str) or not _LABEL_KEY.fullmatch(self.spread_by)):
             raise ConfigError(f"--spread-by: {self.spread_by!r} is not a label name")
 
 
@@ -59,9 +61,10 @@ class Placement:
 
 
 def check_label(key: str, value: str) -> None:
-    if not isinstance(key, str) or not _LABEL_KEY.match(key) or len(key) > 317:
+    # fullmatch: '$' would also accept a trailing newline.
+    if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key) or len(key) > 317:
         raise ConfigError(f"{key!r} is not a valid label name")
-    if not isinstance(value, str) or not _LABEL_VALUE.match(value) or len(value) > 63:
+    if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value) or len(value) > 63:
         raise ConfigError(f"{value!r} is not a valid label value (for {key})")
 
 
@@ -148,7 +151,11 @@ def _reasons(a: Assignment, nodes: list[NodeView], size: int) -> str:
         if why is not None:
             key = "too little space" if why.startswith("needs") else why
             counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no nodes registered"
+    if not nodes:
+        return "no nodes registered"
+    if not counts:
+        return f"all {len(nodes)} registered nodes are eligible"
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
 def _nobody(a: Assignment, nodes: list[NodeView], size: int) -> str:

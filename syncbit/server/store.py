@@ -20,6 +20,7 @@ import sqlite_utils
 
 from ..errors import ConfigError
 from ..model import Snapshot
+from ..sqlite_tx import transaction
 
 SCHEMA_VERSION = 1
 
@@ -54,9 +55,13 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -70,7 +75,7 @@ class Store:
         if version > SCHEMA_VERSION:
             raise ConfigError(f"server database schema {version} is newer than this syncbit ({SCHEMA_VERSION})")
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            with self.db.conn:
+            with transaction(self.db.conn):
                 for stmt in _MIGRATIONS[v]:
                     self.db.execute(stmt)
                 self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(v),))
@@ -96,9 +101,10 @@ class Store:
         self.db.execute("UPDATE nodes SET up=?, last_seen=? WHERE name=?", (int(up), last_seen, name))
 
     def delete_node(self, name: str) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.execute("DELETE FROM nodes WHERE name=?", (name,))
             self.db.execute("DELETE FROM holdings WHERE node=?", (name,))
+            self.db.execute("DELETE FROM placements WHERE node=?", (name,))
 
     # -- datasets and snapshots --------------------------------------------------
 
@@ -118,7 +124,7 @@ class Store:
 
     def put_dataset(self, name: str, uri: str, options: Mapping[str, str], snap: Snapshot) -> None:
         now = time.time()
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.execute(
                 "INSERT OR IGNORE INTO snapshots (id, dataset, json, created) VALUES (?,?,?,?)",
                 (snap.id, name, snap.to_json(), snap.created or now),
@@ -131,10 +137,13 @@ class Store:
             )
 
     def delete_dataset(self, name: str) -> None:
-        with self.db.conn:
-            for table, col in (("datasets", "name"), ("assignments", "dataset"), ("placements", "dataset"),
-                               ("snapshots", "dataset")):
+        with transaction(self.db.conn):
+            for table, col in (("datasets", "name"), ("assignments", "dataset"), ("placements", "dataset")):
                 self.db.execute(f"DELETE FROM {table} WHERE {col}=?", (name,))
+            # Snapshot ids are content ids: another dataset over the same source may share one.
+            self.db.execute("""DELETE FROM snapshots WHERE id NOT IN (SELECT snapshot FROM datasets)
+                               AND id NOT IN (SELECT snapshot FROM placements)""")
+            self.db.execute("DELETE FROM holdings WHERE snapshot NOT IN (SELECT id FROM snapshots)")
 
     def snapshot(self, snapshot_id: str) -> Snapshot | None:
         row = self.db.execute("SELECT json FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
@@ -163,7 +172,7 @@ class Store:
         self.db.execute("UPDATE assignments SET problem=? WHERE dataset=?", (problem, dataset))
 
     def delete_assignment(self, dataset: str) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.execute("DELETE FROM assignments WHERE dataset=?", (dataset,))
             self.db.execute("DELETE FROM placements WHERE dataset=?", (dataset,))
 
@@ -186,7 +195,7 @@ class Store:
         now = time.time()
         existing = {r["node"]: r for r in self.placements(dataset)}
         added, removed = nodes - set(existing), set(existing) - nodes
-        with self.db.conn:
+        with transaction(self.db.conn):
             for n in removed:
                 self.db.execute("DELETE FROM placements WHERE dataset=? AND node=?", (dataset, n))
             for n in added:
@@ -217,7 +226,7 @@ class Store:
         """Record first-hashed block ids; returns the refused ones as (fo, idx, reported, recorded)."""
         refused = []
         now = time.time()
-        with self.db.conn:
+        with transaction(self.db.conn):
             for fo, idx, block in reports:
                 cur = self.db.execute("INSERT OR IGNORE INTO manifest (fo, idx, block, node, reported) "
                                       "VALUES (?,?,?,?,?)", (fo, idx, block, node, now))
@@ -238,7 +247,7 @@ class Store:
 
     def put_holdings(self, node: str, bitmaps: Mapping[str, bytes]) -> None:
         now = time.time()
-        with self.db.conn:
+        with transaction(self.db.conn):
             for snapshot, bitmap in bitmaps.items():
                 self.db.execute("INSERT OR REPLACE INTO holdings (node, snapshot, bitmap, updated) VALUES (?,?,?,?)",
                                 (node, snapshot, bitmap, now))

@@ -53,3 +53,23 @@ def test_malformed_hf_uris(uri):
 def test_hf_subdir_escaping_the_repo_is_refused():
     with pytest.raises((HostileName, MalformedURI)):
         parse_hf("hf://org/repo@main/../../etc")
+
+
+@pytest.mark.parametrize("uri,rev,expected", [
+    ("hf://org/repo@main", "v2", "hf://org/repo@v2"),
+    ("hf://org/repo", "release/2.0", "hf://org/repo@release%2F2.0"),
+    ("hf://datasets/org/set@v1/sub/dir", "v2", "hf://datasets/org/set@v2/sub/dir"),
+])
+def test_dataset_update_revision_rewrites_hf_uris(uri, rev, expected):
+    from syncbit.server.controlplane import with_revision
+
+    assert with_revision(uri, rev) == expected
+    assert parse_hf(expected)[2] == rev
+
+
+def test_revisions_are_refused_for_sources_without_them():
+    from syncbit.errors import ConfigError
+    from syncbit.server.controlplane import with_revision
+
+    with pytest.raises(ConfigError):
+        with_revision("s3://bucket/prefix/", "v2")
