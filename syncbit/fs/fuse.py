@@ -163,15 +163,24 @@ class SyncbitFS(pyfuse3.Operations):
         first, last = off // bs, (end - 1) // bs
         sequential = off == h.next_offset
         h.next_offset = end
-        while True:
-            fds = [self._local_fd(h, idx, sequential) for idx in range(first, last + 1)]
-            if None not in fds:
-                break
-            # A miss: wait for the block (its run starts here), then look again.
-            # Descriptors are taken only once every block is present, because
-            # one taken before an await may be closed meanwhile (LRU, eviction).
-            await self._fetch_fd(h, first + fds.index(None))
-        # From here to the return there is no await: the reply buffer is shared
+        fds = [self._local_fd(h, idx, sequential) for idx in range(first, last + 1)]
+        if None in fds:
+            # A miss: fetch block by block and copy each one's bytes at once.
+            # Waiting for all of them before copying could livelock under a
+            # tiny quota (fetching the second block evicts the first), and a
+            # descriptor taken before an await may be closed meanwhile.
+            parts = []
+            for idx in range(first, last + 1):
+                fd = self._local_fd(h, idx, sequential)
+                if fd is None:
+                    fd = await self._fetch_fd(h, idx)
+                base = idx * bs
+                lo = max(off, base) - base
+                parts.append(os.pread(fd, min(end, base + bs) - base - lo, lo))  # no await since the fd
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            _SERVED.inc(len(data))
+            return data
+        # All present (the common case). From here to the return there is no await: the reply buffer is shared
         # by all requests, and pyfuse3 copies it to /dev/fuse as soon as this
         # coroutine returns, before any other task runs.
         buf = self._reply_buffer(end - off)
