@@ -71,6 +71,11 @@ class AgentConfig:
     heartbeat_interval: float = 5.0
     # Prometheus /metrics over TCP (host:port); the local socket serves it too.
     metrics_listen: str | None = None
+    # Peers: serve blocks on this address, to agents with the same cluster secret.
+    peer_listen: str | None = None
+    peer_advertise: str | None = None  # what other nodes dial; default: peer_listen
+    cluster_secret_file: str | None = None
+    peer_upload_slots: int = 8
 
     @property
     def cache_path(self) -> Path:
@@ -79,7 +84,7 @@ class AgentConfig:
 
 _SIZE_KEYS = {"min_free_disk", "block_size", "readahead"}
 _DURATION_KEYS = {"fetch_deadline", "commit_interval", "heartbeat_interval", "node_down_after"}
-_INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb"}
+_INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb", "peer_upload_slots"}
 _FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}
 _FIELDS = {f.name for f in dataclasses.fields(AgentConfig)}
 
@@ -143,7 +148,7 @@ def _convert(key: str, value: Any) -> Any:
         raise ConfigError(f"log_format: expected text or json, got {value!r}")
     if key == "server":
         return check_server_url(str(value))
-    if key in ("listen", "metrics_listen"):
+    if key in ("listen", "metrics_listen", "peer_listen", "peer_advertise"):
         return check_listen(str(value), key)
     return str(value)
 
@@ -207,6 +212,10 @@ def load_agent_config(
         raise ConfigError("cache_low_watermark must be below cache_high_watermark")
     if cfg.block_size < 64 * 1024 or cfg.block_size > 256 * 2**20:
         raise ConfigError("block_size must be between 64KiB and 256MiB")
+    if cfg.peer_listen and not (cfg.cluster_secret_file and cfg.server):
+        raise ConfigError("peer_listen needs cluster_secret_file (peers authenticate) and server (the tracker)")
+    if cfg.peer_listen and not cfg.peer_advertise and cfg.peer_listen.rpartition(":")[0] in ("0.0.0.0", "::", "[::]"):
+        raise ConfigError("peer_listen on a wildcard address needs peer_advertise: the address other nodes dial")
     return cfg
 
 

@@ -14,12 +14,16 @@ if TYPE_CHECKING:
     from .agent.agent import Agent
 
 REGISTRY = CollectorRegistry()
-BYTES = Counter("syncbit_agent_bytes", "Bytes by origin: 'source' fetched, 'cache' served from cache files",
-                ["origin"], registry=REGISTRY)
+BYTES = Counter("syncbit_agent_bytes", "Bytes by origin: 'source' and 'peer' fetched, 'cache' served from "
+                "cache files", ["origin"], registry=REGISTRY)
 FETCH_SECONDS = Histogram(
     "syncbit_agent_block_fetch_seconds", "Time from a run's request to a block stored in the cache",
     ["origin"], registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+PEER_BYTES = Counter("syncbit_agent_peer_bytes", "Bytes exchanged with peers", ["direction", "peer"],
+                     registry=REGISTRY)
+PEER_ERRORS = Counter("syncbit_agent_peer_errors", "Peer fetches that failed, by reason", ["reason"],
+                      registry=REGISTRY)
 _CACHE_BYTES = Gauge("syncbit_agent_cache_bytes", "Bytes of block files held", registry=REGISTRY)
 _CACHE_QUOTA = Gauge("syncbit_agent_cache_quota_bytes", "Cache quota", registry=REGISTRY)
 _CACHE_BLOCKS = Gauge("syncbit_agent_cache_blocks", "Block files held", registry=REGISTRY)

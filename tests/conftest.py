@@ -87,8 +87,9 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 class AgentProc:
     """A real agent process (``syncbit daemon --foreground``) with its own mount."""
 
-    def __init__(self, base: Path, **config) -> None:
+    def __init__(self, base: Path, env: dict | None = None, **config) -> None:
         self.base = base
+        self.extra_env = dict(env or {})  # e.g. a test-only fault switch
         self.mnt = base / "mnt"
         self.cache = base / "cache"
         self.sock = base / "agent.sock"
@@ -104,7 +105,7 @@ class AgentProc:
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCBIT_")}
         env["SYNCBIT_SOCKET"] = str(self.sock)
-        return env
+        return {**env, **self.extra_env}
 
     def start(self, wait: bool = True) -> AgentProc:
         with open(self.log_path, "ab") as log:
@@ -244,10 +245,10 @@ def _force_unmount(path: Path) -> None:
 def agent_factory(tmp_path):
     agents: list[AgentProc] = []
 
-    def make(name: str = "agent", start: bool = True, **config) -> AgentProc:
+    def make(name: str = "agent", start: bool = True, env: dict | None = None, **config) -> AgentProc:
         base = tmp_path / name
         base.mkdir(exist_ok=True)
-        a = AgentProc(base, **config)
+        a = AgentProc(base, env=env, **config)
         agents.append(a)
         return a.start() if start else a
 

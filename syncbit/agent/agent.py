@@ -74,6 +74,20 @@ class Agent:
         self.link: ControlPlaneLink | None = None
         if config.server:
             self.link = ControlPlaneLink(self, config.server, config.heartbeat_interval)
+        self.peer_server = None
+        self.peer_address = None
+        self._peer_client = None
+        if config.peer_listen:
+            from ..peer.auth import load_secret
+            from ..peer.client import PeerClient
+            from ..peer.server import PeerServer
+            from ..peer.swarm import Swarm
+
+            secret = load_secret(config.cluster_secret_file)
+            self.peer_server = PeerServer(self.cache, secret, upload_slots=config.peer_upload_slots)
+            self.peer_address = config.peer_advertise or config.peer_listen
+            self._peer_client = PeerClient(secret, config.node_name)
+            self.fetcher.peers = Swarm(self._peer_client, self.link, config.block_size)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self._mounted = False
@@ -100,6 +114,8 @@ class Agent:
                 for spec in self.config.datasets:
                     nursery.start_soon(self._add_from_config, spec)
                 await nursery.start(serve_api, self, self.config.socket)
+                if self.peer_server is not None:
+                    await nursery.start(self.peer_server.run, self.config.peer_listen)
                 if self.link is not None:
                     await nursery.start(self.link.run)
                 if self.config.metrics_listen:
@@ -115,6 +131,9 @@ class Agent:
             for src in self.sources.values():
                 with trio.CancelScope(shield=True):
                     await src.aclose()
+            if self._peer_client is not None:
+                with trio.CancelScope(shield=True):
+                    await self._peer_client.aclose()
             self.cache.close()
             log.info("agent stopped")
 

@@ -106,6 +106,8 @@ class ControlPlaneLink:
         blocks = cache.learned[:MAX_BLOCKS_PER_HEARTBEAT]
         body = {
             "labels": dict(agent.config.labels), "capacity": cache.quota, "free": free,
+            "block_size": agent.config.block_size,
+            "peer_address": agent.peer_address, "uploads": agent.peer_server.active if agent.peer_server else 0,
             "datasets": datasets,
             "holdings": {s: encode_bitmap(b) for s, b in bitmaps.items()},
             "blocks": [list(b) for b in blocks],
@@ -128,6 +130,20 @@ class ControlPlaneLink:
         if n:
             bits.append(acc)
         return bytes(bits)
+
+    async def lookup(self, fo: str, idxs: list[int]) -> dict[int, tuple[str | None, list[str]]]:
+        """Tracker: {index: (recorded block id, peer addresses best first)}; {} when it cannot be asked."""
+        if self._http is None or not idxs:
+            return {}
+        try:
+            r = await self._http.post("/v1/peers/lookup", json={
+                "node": self.agent.config.node_name, "items": [[fo, i] for i in idxs]})
+            r.raise_for_status()
+            items = r.json()["items"]
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            log.debug("tracker lookup failed: %s", e)
+            return {}
+        return {i: (it.get("id"), list(it.get("peers", []))) for i, it in zip(idxs, items)}
 
     async def snapshot(self, snapshot_id: str) -> Snapshot:
         r = await self._http.get(f"/v1/snapshots/{snapshot_id}")

@@ -186,6 +186,9 @@ class BlockCache:
     def has_block(self, block_id: str) -> bool:
         return block_id in self._present
 
+    def block_size_of(self, block_id: str) -> int:
+        return self._present[block_id]
+
     def block_fd(self, block_id: str) -> int:
         """A read-only descriptor of a present block, from an LRU of open block files.
 

@@ -32,6 +32,7 @@ from ..sources.retry import Retrier
 log = logging.getLogger(__name__)
 _FROM_SOURCE = BYTES.labels(origin="source")
 _SOURCE_LATENCY = FETCH_SECONDS.labels(origin="source")
+_PEER_LATENCY = FETCH_SECONDS.labels(origin="peer")
 
 # Blocks received and not yet stored, across all runs: bounds the memory of
 # fetching (16 x 4 MiB) whatever the number of runs.
@@ -67,6 +68,7 @@ class Fetcher:
         self._hash_limiter = trio.CapacityLimiter(1)  # whole-file digests: one file at a time
         self.bytes_from_source = 0
         self.runs = 0
+        self.peers = None  # a peer.swarm.Swarm when the agent has peers
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Service: hosts the background runs that readers start."""
@@ -223,35 +225,24 @@ class Fetcher:
             pass  # already logged and delivered to the waiters; the service goes on
 
     async def _fetch(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
-        """Fetch the contiguous blocks ``claimed`` and settle their flights.
+        """Fetch the contiguous blocks ``claimed`` (from peers, then the source) and settle their flights.
 
-        The stream is cut into blocks by ``_fetch_once``; each block is stored
-        (hash, write, fsync, rename: in a thread) by its own task so that
+        A source stream is cut into blocks by ``_fetch_once``; each block is
+        stored (hash, write, rename: in a thread) by its own task so that
         storing overlaps receiving, with at most ``BLOCKS_IN_MEMORY`` blocks
         waiting to be stored across all runs.
         """
-        todo = list(claimed)  # blocks not yet received; a retry resumes at todo[0]
-        retrier = Retrier(source.is_temporary, what=f"fetching {entry.path}")
-        slots = self._memory
         self.runs += 1
         try:
-            stream_error: Exception | None = None
-            with collapse_groups():
-                async with trio.open_nursery() as stores:
-                    # A failed stream must not cancel the stores of blocks that
-                    # arrived whole before it: keep its error until they finish.
-                    try:
-                        with trio.move_on_after(self.deadline) as scope:
-                            await retrier.run(lambda: self._fetch_once(source, entry, todo, stores, slots))
-                        if scope.cancelled_caught:
-                            raise FetchFailed(
-                                f"{entry.path}: block {todo[0]} not fetched within {self.deadline:.0f}s: "
-                                f"{retrier.last_error}"
-                            )
-                    except Exception as e:
-                        stream_error = e
-            if stream_error is not None:
-                raise stream_error
+            remaining = list(claimed)
+            if self.peers is not None:
+                # Peers first: blocks other nodes hold cost the source nothing.
+                for idx, data in sorted((await self.peers.fetch_blocks(entry, remaining)).items()):
+                    await self._memory.acquire()
+                    await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
+                remaining = [i for i in remaining if (entry.file_object, i) in self._flights]
+            for segment in _contiguous(remaining):
+                await self._fetch_source(source, entry, segment)
         except BaseException as e:
             err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
             if isinstance(e, Exception):
@@ -263,6 +254,29 @@ class Fetcher:
                     flight.error = err if isinstance(e, Exception) else None
                     flight.event.set()
             raise
+
+    async def _fetch_source(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
+        """One source run for the contiguous blocks ``claimed`` (retried until the deadline)."""
+        todo = list(claimed)  # blocks not yet received; a retry resumes at todo[0]
+        retrier = Retrier(source.is_temporary, what=f"fetching {entry.path}")
+        slots = self._memory
+        stream_error: Exception | None = None
+        with collapse_groups():
+            async with trio.open_nursery() as stores:
+                # A failed stream must not cancel the stores of blocks that
+                # arrived whole before it: keep its error until they finish.
+                try:
+                    with trio.move_on_after(self.deadline) as scope:
+                        await retrier.run(lambda: self._fetch_once(source, entry, todo, stores, slots))
+                    if scope.cancelled_caught:
+                        raise FetchFailed(
+                            f"{entry.path}: block {todo[0]} not fetched within {self.deadline:.0f}s: "
+                            f"{retrier.last_error}"
+                        )
+                except Exception as e:
+                    stream_error = e
+        if stream_error is not None:
+            raise stream_error
 
     async def _fetch_once(self, source: Source, entry: FileEntry, todo: list[int], stores: trio.Nursery,
                           slots: trio.Semaphore) -> None:
@@ -300,7 +314,7 @@ class Fetcher:
             raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")
 
     async def _complete(self, entry: FileEntry, idx: int, data: bytes, slots: trio.Semaphore,
-                        started: float) -> None:
+                        started: float, origin: str = "source") -> None:
         expected = self.cache.known_blocks(entry.file_object).get(idx)
         try:
             await self.cache.put(entry.file_object, idx, data, expected)
@@ -311,13 +325,24 @@ class Fetcher:
             slots.release()
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
-        _SOURCE_LATENCY.observe(trio.current_time() - started)
+        (_SOURCE_LATENCY if origin == "source" else _PEER_LATENCY).observe(trio.current_time() - started)
         if (entry.digest and self._nursery is not None
                 and len(self.cache.known_blocks(entry.file_object)) == block_count(entry.size, self.block_size)
                 and entry.file_object not in self._verifying):
             # Possibly the file's last block: check the whole file now, also
             # for files only ever read through the mount.
             self._nursery.start_soon(self._verify_in_background, entry)
+
+
+def _contiguous(idxs: list[int]) -> list[list[int]]:
+    """[3, 4, 5, 8, 9] -> [[3, 4, 5], [8, 9]]: one source request per contiguous range."""
+    out: list[list[int]] = []
+    for i in idxs:
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _digest_of(algo: str, fds: list[int]) -> str:

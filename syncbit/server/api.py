@@ -188,6 +188,10 @@ def build_app(cp: ControlPlane) -> Starlette:
         return JSONResponse({"blocks": {fo: {str(i): b for i, b in m.items()}
                                         for fo, m in cp.store.manifest(fos).items()}})
 
+    async def lookup(request: Request):
+        body = await _json(request)
+        return JSONResponse({"items": cp.lookup(check_name(_str(body, "node"), "node"), body.get("items"))})
+
     async def prometheus(request: Request):
         return Response(metrics.render(cp), media_type="text/plain; version=0.0.4")
 
@@ -205,6 +209,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         Route("/v1/datasets/{name}/wait", endpoint(wait)),
         Route("/v1/snapshots/{id}", endpoint(snapshot)),
         Route("/v1/manifest", endpoint(manifest), methods=["POST"]),
+        Route("/v1/peers/lookup", endpoint(lookup), methods=["POST"]),
         Route("/metrics", prometheus),
     ]
     return Starlette(routes=routes)

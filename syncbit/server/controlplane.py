@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import ConfigError, DatasetNotFound
-from ..model import decode_bitmap
+from ..model import block_count, decode_bitmap
 from ..sources import open_source
 from .scheduler import Assignment, NodeView, place
 from .store import Store
@@ -53,6 +54,13 @@ class ControlPlane:
         self.live: dict[str, Liveness] = {}
         self.changed = trio.Event()  # fires on any placement or node state change (wait, status)
         self.heartbeats = 0
+        # Tracker state, in memory: refreshed by every heartbeat.
+        self.node_meta: dict[str, dict] = {}  # node -> peer_address, block_size, uploads, zone
+        self.bitmaps: dict[str, dict[str, bytes]] = {}  # snapshot -> node -> held-block bitmap
+        self._positions: dict[int, dict[str, list[tuple[str, int]]]] = {}  # block size -> fo -> [(snapshot, bit)]
+        for snap_id in store.snapshot_ids():
+            for node, bitmap in store.holdings(snap_id).items():
+                self.bitmaps.setdefault(snap_id, {})[node] = bitmap
         for n in store.nodes():
             # After a restart every node gets a fresh grace period before it counts as down.
             self.live[n["name"]] = Liveness(time.monotonic(), n["up"])
@@ -69,6 +77,7 @@ class ControlPlane:
             raise ConfigError(f"dataset {name!r} exists (use 'syncbit dataset update' for a new snapshot)")
         snap = await self._resolve(uri, options or {})
         self.store.put_dataset(name, uri, options or {}, snap)
+        self._positions.clear()
         log.info("dataset %s: %s, snapshot %s (%d files, %d bytes)", name, uri, snap.revision, len(snap.files),
                  snap.total_size)
         self.reschedule()
@@ -82,6 +91,7 @@ class ControlPlane:
         snap = await self._resolve(uri, ds["options"])
         if snap.id != ds["snapshot"]:
             self.store.put_dataset(name, uri, ds["options"], snap)
+            self._positions.clear()
             log.info("dataset %s: new snapshot %s (%s)", name, snap.revision, uri)
             self.reschedule()
             self._notify()
@@ -226,7 +236,18 @@ class ControlPlane:
         if holdings:
             if not isinstance(holdings, Mapping):
                 raise ConfigError("holdings must be an object of snapshot -> bitmap")
-            self.store.put_holdings(name, {str(s): decode_bitmap(b) for s, b in holdings.items()})
+            decoded = {str(s): decode_bitmap(b) for s, b in holdings.items()}
+            self.store.put_holdings(name, decoded)
+            for snap_id, bitmap in decoded.items():
+                self.bitmaps.setdefault(snap_id, {})[name] = bitmap
+        address = body.get("peer_address")
+        if address is not None and (not isinstance(address, str) or ":" not in address or len(address) > 300):
+            raise ConfigError("peer_address must be HOST:PORT")
+        block_size = body.get("block_size", 4 * 2**20)
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ConfigError("block_size must be a positive integer")
+        self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": _int(body, "uploads"),
+                                "zone": dict(labels).get(self.topology_label)}
         if reschedule:
             self.reschedule()
         if notify:
@@ -254,6 +275,57 @@ class ControlPlane:
             log.warning("node %s reported block %s of file object %s as %s, but %s is recorded: refused",
                         node, idx, fo, got, recorded)
         return [[fo, idx, recorded] for fo, idx, _, recorded in refused]
+
+    # -- tracker ------------------------------------------------------------------
+
+    topology_label = "zone"
+    MAX_PEERS = 4
+
+    def lookup(self, asker: str, items: list) -> list[dict]:
+        """For each (file object, index): its recorded block id and up to four holders, best first.
+
+        Best: the asker's topology domain first, then fewer active uploads,
+        then a random order so that no single holder serves the whole swarm.
+        Never the asker; only nodes that are up and serve peers.
+        """
+        if not isinstance(items, list) or len(items) > 10_000 or not all(
+                isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and isinstance(it[1], int)
+                and it[1] >= 0 for it in items):
+            raise ConfigError("items must be a list of at most 10000 [file object, block index] pairs")
+        me = self.node_meta.get(asker, {})
+        bs = me.get("block_size", 4 * 2**20)
+        ids = self.store.manifest({fo for fo, _ in items})
+        out = []
+        for fo, idx in items:
+            holders = set()
+            for snap_id, first_bit in self._fo_positions(bs).get(fo, ()):
+                bit = first_bit + idx
+                for node, bitmap in self.bitmaps.get(snap_id, {}).items():
+                    if node == asker or node in holders or bit // 8 >= len(bitmap):
+                        continue
+                    if bitmap[bit // 8] >> (7 - bit % 8) & 1:
+                        holders.add(node)
+            usable = [n for n in holders if self._is_up(n) and self.node_meta.get(n, {}).get("peer_address")
+                      and self.node_meta[n].get("block_size") == bs]
+            random.shuffle(usable)
+            usable.sort(key=lambda n: (self.node_meta[n].get("zone") != me.get("zone"),
+                                       self.node_meta[n].get("uploads", 0)))
+            out.append({"id": ids.get(fo, {}).get(idx),
+                        "peers": [self.node_meta[n]["peer_address"] for n in usable[:self.MAX_PEERS]]})
+        return out
+
+    def _fo_positions(self, block_size: int) -> dict[str, list[tuple[str, int]]]:
+        """file object -> [(snapshot, bit of its block 0 in that snapshot's bitmaps)], per block size."""
+        positions = self._positions.get(block_size)
+        if positions is None:
+            positions = self._positions[block_size] = {}
+            for snap_id in self.store.snapshot_ids():
+                snap = self.store.snapshot(snap_id)
+                bit = 0
+                for f in snap.files:
+                    positions.setdefault(f.file_object, []).append((snap_id, bit))
+                    bit += block_count(f.size, block_size)
+        return positions
 
     def desired(self, node: str) -> list[dict]:
         out = []

@@ -149,6 +149,9 @@ class Store:
         row = self.db.execute("SELECT json FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return Snapshot.from_json(row[0]) if row else None
 
+    def snapshot_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM snapshots")]
+
     def snapshot_json(self, snapshot_id: str) -> str | None:
         row = self.db.execute("SELECT json FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
         return row[0] if row else None

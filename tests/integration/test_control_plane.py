@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -75,8 +76,8 @@ def test_selector_replicas_spread_restarts_and_unassign(tmp_path, origin_factory
     matrix = {d["name"]: {n: p["state"] for n, p in d["nodes"].items()} for d in status["datasets"]}
     assert matrix == {"llama": {n: "ready" for n in nodes}}
 
-    # The control plane restarts: state kept; agents serve meanwhile.
-    server.stop()
+    # The control plane is killed and restarted: state kept; agents serve meanwhile.
+    server.stop(signal.SIGKILL)
     one = agents[sorted(nodes)[0]]
     assert (one.mnt / "llama" / "weights.bin").read_bytes() == files["weights.bin"]
     server.start()
@@ -315,3 +316,26 @@ def test_agent_metrics_over_tcp_and_the_local_socket(tmp_path, origin_factory, a
         assert "syncbit_agent_cache_bytes" in c.get("http://agent/metrics").text
     # Only /metrics on the TCP port: the API that registers datasets stays on the private socket.
     assert httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=10).status_code == 404
+
+
+def test_switch_now_makes_a_new_snapshot_current_before_it_is_complete(tmp_path, origin_factory, server_factory,
+                                                                      agent_factory):
+    src = tmp_path / "src"
+    origin = origin_factory(write_tree(src, {"f.bin": b"1" * (8 * BS)}))
+    server = server_factory()
+    agent = agents_for(agent_factory, server, {"n0": {}})["n0"]
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="node")
+    cli(server, "dataset", "add", "d", origin.url)
+    cli(server, "assign", "d", "--nodes", "n0", "--switch-now")
+    cli(server, "wait", "d", "--timeout", "60")
+    (src / "f.bin").write_bytes(b"2" * (8 * BS))
+    os.utime(src / "f.bin", (time.time() + 5, time.time() + 5))
+    origin.rate = 256 * 1024  # 8 s for the new file: the switch must not wait for it
+    cli(server, "dataset", "update", "d")
+    rev2 = server.api("GET", "/v1/datasets/d").json()["revision"]
+    wait_until(lambda: agent.dataset("d")["revision"] == rev2, timeout=5, what="immediate switch")
+    assert agent.dataset("d")["state"] == "syncing"
+    with open(agent.mnt / "d" / "f.bin", "rb") as f:  # a lazy read of the new snapshot, at once
+        assert f.read(10) == b"2" * 10
+    origin.rate = None
+    cli(server, "wait", "d", "--timeout", "60")

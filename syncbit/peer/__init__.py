@@ -1,0 +1,1 @@
+"""Peer-to-peer block exchange: agents serve verified blocks by content id to each other."""

@@ -1,0 +1,61 @@
+"""The agent's side of the swarm: which peers hold the blocks a run needs, and getting them.
+
+The tracker (the control plane) answers "who holds these blocks" with each
+block's recorded id and its holders, best first. Blocks are fetched from them
+in parallel (bounded), each verified against its id by the client; what no
+peer can give goes to the source.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import BlockCorrupt
+from ..metrics import BYTES
+from ..model import FileEntry, block_span
+from .client import PeerClient
+
+if TYPE_CHECKING:
+    from ..agent.link import ControlPlaneLink
+
+log = logging.getLogger(__name__)
+_FROM_PEERS = BYTES.labels(origin="peer")
+
+
+class Swarm:
+    def __init__(self, client: PeerClient, link: ControlPlaneLink, block_size: int, concurrency: int = 8) -> None:
+        self.client = client
+        self.link = link
+        self.block_size = block_size
+        self.limiter = trio.CapacityLimiter(concurrency)
+
+    async def fetch_blocks(self, entry: FileEntry, idxs: list[int]) -> dict[int, bytes]:
+        """Whatever of blocks ``idxs`` of ``entry`` peers can give, verified, by index."""
+        holders = await self.link.lookup(entry.file_object, idxs)
+        got: dict[int, bytes] = {}
+        if not holders:
+            return got
+
+        async def one(idx: int, block_id: str, addresses: list[str]) -> None:
+            size = block_span(entry.size, self.block_size, idx)[1]
+            async with self.limiter:
+                for address in addresses:
+                    if not self.client.usable(address):
+                        continue
+                    try:
+                        data = await self.client.fetch(address, block_id, size)
+                    except BlockCorrupt:
+                        continue  # banned by the client; the next holder, or the source
+                    if data is not None:
+                        got[idx] = data
+                        _FROM_PEERS.inc(len(data))
+                        return
+
+        async with trio.open_nursery() as nursery:
+            for idx, (block_id, addresses) in holders.items():
+                if block_id and addresses:
+                    nursery.start_soon(one, idx, block_id, addresses)
+        return got
