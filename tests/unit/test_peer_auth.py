@@ -1,0 +1,44 @@
+"""The peer protocol's request signatures: what verifies and what does not."""
+
+import pytest
+
+from syncbit.errors import ConfigError
+from syncbit.peer.auth import auth_headers, load_secret, verify
+
+SECRET = b"0123456789abcdef-cluster"
+PATH = "/v1/blocks/" + "a" * 64
+
+
+def test_a_signed_request_verifies_within_the_skew():
+    h = auth_headers(SECRET, "GET", PATH, 1000.0, "n1")
+    assert verify(SECRET, "GET", PATH, h, 1000.0)
+    assert verify(SECRET, "GET", PATH, h, 1299.0)
+
+
+@pytest.mark.parametrize("what,secret,method,path,now", [
+    ("another secret", b"another-secret-of-16-bytes", "GET", PATH, 1000.0),
+    ("another method", SECRET, "POST", PATH, 1000.0),
+    ("another path", SECRET, "GET", "/v1/blocks/" + "b" * 64, 1000.0),
+    ("too old (replay)", SECRET, "GET", PATH, 1301.0),
+    ("from the future", SECRET, "GET", PATH, 699.0),
+])
+def test_what_does_not_verify(what, secret, method, path, now):
+    h = auth_headers(SECRET, "GET", PATH, 1000.0, "n1")
+    assert not verify(secret, method, path, h, now), what
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-syncbit-time": "1000"}, {"x-syncbit-auth": "ab"},
+                                     {"x-syncbit-time": "-5", "x-syncbit-auth": "ab"},
+                                     {"x-syncbit-time": "1000", "x-syncbit-auth": "not hex"}])
+def test_missing_or_malformed_headers_do_not_verify(headers):
+    assert not verify(SECRET, "GET", PATH, headers, 1000.0)
+
+
+def test_secrets_shorter_than_16_bytes_or_missing_are_refused(tmp_path):
+    (tmp_path / "short").write_text("tiny\n")
+    with pytest.raises(ConfigError):
+        load_secret(str(tmp_path / "short"))
+    with pytest.raises(ConfigError):
+        load_secret(str(tmp_path / "missing"))
+    (tmp_path / "ok").write_text("  a secret that is long enough \n")
+    assert load_secret(str(tmp_path / "ok")) == b"a secret that is long enough"
