@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -418,10 +419,15 @@ class Agent:
 
     def _missing_blocks(self, snap: Snapshot):
         bs = self.config.block_size
-        for entry in snap.files:
-            for idx in range(block_count(entry.size, bs)):
-                if self.cache.present_block(entry.file_object, idx) is None and not self.fetcher.in_flight(entry, idx):
-                    yield entry, idx
+        order = [(entry, idx) for entry in snap.files for idx in range(block_count(entry.size, bs))]
+        if self.link is not None and self.peer_server is not None and order:
+            # With peers, each node starts at its own random place: nodes that
+            # start together fetch different parts from the source and trade them.
+            start = random.randrange(len(order))
+            order = order[start:] + order[:start]
+        for entry, idx in order:
+            if self.cache.present_block(entry.file_object, idx) is None and not self.fetcher.in_flight(entry, idx):
+                yield entry, idx
 
     async def _prefetch_worker(self, source: Source, work) -> None:
         while True:

@@ -131,19 +131,19 @@ class ControlPlaneLink:
             bits.append(acc)
         return bytes(bits)
 
-    async def lookup(self, fo: str, idxs: list[int]) -> dict[int, tuple[str | None, list[str]]]:
-        """Tracker: {index: (recorded block id, peer addresses best first)}; {} when it cannot be asked."""
+    async def lookup(self, fo: str, idxs: list[int]) -> dict[int, dict]:
+        """Tracker: {index: {"id", "peers", and "wait_for" or "source"}}; {} when it cannot be asked."""
         if self._http is None or not idxs:
             return {}
         try:
             r = await self._http.post("/v1/peers/lookup", json={
-                "node": self.agent.config.node_name, "items": [[fo, i] for i in idxs]})
+                "node": self.agent.config.node_name, "items": [[fo, i] for i in idxs], "claim": True})
             r.raise_for_status()
             items = r.json()["items"]
         except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
             log.debug("tracker lookup failed: %s", e)
             return {}
-        return {i: (it.get("id"), list(it.get("peers", []))) for i, it in zip(idxs, items)}
+        return {i: it for i, it in zip(idxs, items) if isinstance(it, dict)}
 
     async def snapshot(self, snapshot_id: str) -> Snapshot:
         r = await self._http.get(f"/v1/snapshots/{snapshot_id}")

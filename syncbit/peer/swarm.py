@@ -32,12 +32,33 @@ class Swarm:
         self.block_size = block_size
         self.limiter = trio.CapacityLimiter(concurrency)
 
+    # How long to wait for a block another node is fetching from the source
+    # before fetching it too: about the time that node needs for a run.
+    WAIT_FOR_CLAIM = 20.0
+    POLL = 0.5
+
     async def fetch_blocks(self, entry: FileEntry, idxs: list[int]) -> dict[int, bytes]:
-        """Whatever of blocks ``idxs`` of ``entry`` peers can give, verified, by index."""
-        holders = await self.link.lookup(entry.file_object, idxs)
+        """Whatever of blocks ``idxs`` of ``entry`` peers can give, verified, by index.
+
+        Blocks the tracker says another node is fetching from the source are
+        asked for again until that node has them (or ``WAIT_FOR_CLAIM`` runs
+        out): the source sends each block about once, whatever the number of nodes.
+        """
         got: dict[int, bytes] = {}
+        pending = list(idxs)
+        with trio.move_on_after(self.WAIT_FOR_CLAIM):
+            while pending:
+                answers = await self.link.lookup(entry.file_object, pending)
+                await self._fetch_from(entry, answers, got)
+                pending = [i for i in pending if i not in got and answers.get(i, {}).get("wait_for")]
+                if pending:
+                    await trio.sleep(self.POLL)
+        return got
+
+    async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: dict[int, bytes]) -> None:
+        holders = {i: (a.get("id"), a.get("peers") or []) for i, a in answers.items()}
         if not holders:
-            return got
+            return
 
         async def one(idx: int, block_id: str, addresses: list[str]) -> None:
             size = block_span(entry.size, self.block_size, idx)[1]
@@ -56,6 +77,5 @@ class Swarm:
 
         async with trio.open_nursery() as nursery:
             for idx, (block_id, addresses) in holders.items():
-                if block_id and addresses:
+                if block_id and addresses and idx not in got:
                     nursery.start_soon(one, idx, block_id, addresses)
-        return got

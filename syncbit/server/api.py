@@ -190,7 +190,8 @@ def build_app(cp: ControlPlane) -> Starlette:
 
     async def lookup(request: Request):
         body = await _json(request)
-        return JSONResponse({"items": cp.lookup(check_name(_str(body, "node"), "node"), body.get("items"))})
+        return JSONResponse({"items": cp.lookup(check_name(_str(body, "node"), "node"), body.get("items"),
+                                                claim=body.get("claim") is True)})
 
     async def prometheus(request: Request):
         return Response(metrics.render(cp), media_type="text/plain; version=0.0.4")

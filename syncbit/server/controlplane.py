@@ -57,6 +57,7 @@ class ControlPlane:
         # Tracker state, in memory: refreshed by every heartbeat.
         self.node_meta: dict[str, dict] = {}  # node -> peer_address, block_size, uploads, zone
         self.bitmaps: dict[str, dict[str, bytes]] = {}  # snapshot -> node -> held-block bitmap
+        self.claims: dict[tuple[str, int], tuple[str, float]] = {}  # block -> (node fetching it from the source, until)
         self._positions: dict[int, dict[str, list[tuple[str, int]]]] = {}  # block size -> fo -> [(snapshot, bit)]
         for snap_id in store.snapshot_ids():
             for node, bitmap in store.holdings(snap_id).items():
@@ -281,12 +282,19 @@ class ControlPlane:
     topology_label = "zone"
     MAX_PEERS = 4
 
-    def lookup(self, asker: str, items: list) -> list[dict]:
+    CLAIM_SECONDS = 30.0
+
+    def lookup(self, asker: str, items: list, claim: bool = False) -> list[dict]:
         """For each (file object, index): its recorded block id and up to four holders, best first.
 
         Best: the asker's topology domain first, then fewer active uploads,
         then a random order so that no single holder serves the whole swarm.
         Never the asker; only nodes that are up and serve peers.
+
+        With ``claim``, a block nobody holds is the cluster's single flight to
+        the source: the first asker gets it (``"source": true``) for
+        ``CLAIM_SECONDS``; later askers are told which node is fetching it
+        (``"wait_for"``) and ask again, to take it from that node.
         """
         if not isinstance(items, list) or len(items) > 10_000 or not all(
                 isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and isinstance(it[1], int)
@@ -310,8 +318,20 @@ class ControlPlane:
             random.shuffle(usable)
             usable.sort(key=lambda n: (self.node_meta[n].get("zone") != me.get("zone"),
                                        self.node_meta[n].get("uploads", 0)))
-            out.append({"id": ids.get(fo, {}).get(idx),
-                        "peers": [self.node_meta[n]["peer_address"] for n in usable[:self.MAX_PEERS]]})
+            item = {"id": ids.get(fo, {}).get(idx),
+                    "peers": [self.node_meta[n]["peer_address"] for n in usable[:self.MAX_PEERS]]}
+            if claim and not usable:
+                now = time.monotonic()
+                holder = self.claims.get((fo, idx))
+                if holder is not None and holder[0] != asker and holder[1] > now and self._is_up(holder[0]):
+                    item["wait_for"] = holder[0]
+                else:
+                    self.claims[(fo, idx)] = (asker, now + self.CLAIM_SECONDS)
+                    item["source"] = True
+            out.append(item)
+        if claim and len(self.claims) > 1_000_000:  # expired claims, dropped now and then
+            now = time.monotonic()
+            self.claims = {k: v for k, v in self.claims.items() if v[1] > now}
         return out
 
     def _fo_positions(self, block_size: int) -> dict[str, list[tuple[str, int]]]:

@@ -149,3 +149,21 @@ def test_a_peer_killed_mid_transfer_falls_back_to_other_holders_or_the_source(tm
     cli(server, "assign", "d", "--nodes", "n0,n1")
     cli(server, "wait", "d", "--node", "n1", "--timeout", "60")
     assert (agents["n1"].mnt / "d" / "big.bin").read_bytes() == files["big.bin"]
+
+
+def test_nodes_starting_together_take_about_one_copy_from_the_source(tmp_path, origin_factory, server_factory,
+                                                                    agent_factory):
+    """Three nodes assigned at once: the tracker's claims make each block leave the origin about once."""
+    files = {"a.bin": random.Random(6).randbytes(32 * BS), "b.bin": random.Random(7).randbytes(16 * BS)}
+    total = sum(map(len, files.values()))
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    origin.rate = 2 * 2**20  # per response: long enough for claims and holdings to matter
+    server = server_factory()
+    agents = peer_agents(agent_factory, server, tmp_path, ["n0", "n1", "n2"])
+    cli(server, "dataset", "add", "d", origin.url)
+    cli(server, "assign", "d", "--nodes", "n0,n1,n2")
+    cli(server, "wait", "d", "--timeout", "120")
+    for a in agents.values():
+        for rel, data in files.items():
+            assert (a.mnt / "d" / rel).read_bytes() == data
+    assert origin.bytes_sent <= 1.5 * total, f"origin sent {origin.bytes_sent / total:.2f} copies"
