@@ -87,9 +87,10 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 class AgentProc:
     """A real agent process (``syncbit daemon --foreground``) with its own mount."""
 
-    def __init__(self, base: Path, env: dict | None = None, **config) -> None:
+    def __init__(self, base: Path, env: dict | None = None, prefix: list[str] | None = None, **config) -> None:
         self.base = base
         self.extra_env = dict(env or {})  # e.g. a test-only fault switch
+        self.prefix = list(prefix or [])  # e.g. nsenter into a network namespace
         self.mnt = base / "mnt"
         self.cache = base / "cache"
         self.sock = base / "agent.sock"
@@ -110,7 +111,8 @@ class AgentProc:
     def start(self, wait: bool = True) -> AgentProc:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "syncbit", "daemon", "--foreground", "--config", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "syncbit", "daemon", "--foreground", "--config",
+                 str(self.config_path)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env(),
             )
         if wait:
@@ -166,12 +168,13 @@ class AgentProc:
 class ServerProc:
     """A real control plane process (``syncbit server``) on a free loopback port."""
 
-    def __init__(self, base: Path, **config) -> None:
+    def __init__(self, base: Path, host: str = "127.0.0.1", prefix: list[str] | None = None, **config) -> None:
         self.base = base
+        self.prefix = list(prefix or [])
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log_path = base / "server.log"
-        self.config = {"listen": f"127.0.0.1:{self.port}", "db": str(base / "state.sqlite"),
+        self.config = {"listen": f"{host}:{self.port}", "db": str(base / "state.sqlite"),
                        "node_down_after": "3s", "heartbeat_interval": "0.5s", "log_level": "DEBUG", **config}
         self.config_path = base / "server.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -181,7 +184,8 @@ class ServerProc:
         import httpx
 
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "syncbit", "server", "--config", str(self.config_path)],
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "syncbit", "server", "--config",
+                                          str(self.config_path)],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -224,10 +228,11 @@ def _free_port() -> int:
 def server_factory(tmp_path):
     servers: list[ServerProc] = []
 
-    def make(name: str = "server", start: bool = True, **config) -> ServerProc:
+    def make(name: str = "server", start: bool = True, host: str = "127.0.0.1", prefix: list[str] | None = None,
+             **config) -> ServerProc:
         base = tmp_path / name
         base.mkdir(exist_ok=True)
-        srv = ServerProc(base, **config)
+        srv = ServerProc(base, host=host, prefix=prefix, **config)
         servers.append(srv)
         return srv.start() if start else srv
 
@@ -245,10 +250,11 @@ def _force_unmount(path: Path) -> None:
 def agent_factory(tmp_path):
     agents: list[AgentProc] = []
 
-    def make(name: str = "agent", start: bool = True, env: dict | None = None, **config) -> AgentProc:
+    def make(name: str = "agent", start: bool = True, env: dict | None = None, prefix: list[str] | None = None,
+             **config) -> AgentProc:
         base = tmp_path / name
         base.mkdir(exist_ok=True)
-        a = AgentProc(base, env=env, **config)
+        a = AgentProc(base, env=env, prefix=prefix, **config)
         agents.append(a)
         return a.start() if start else a
 

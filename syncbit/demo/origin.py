@@ -215,10 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-def main() -> None:  # python -m syncbit.demo.origin DIR [PORT]
+def main() -> None:  # python -m syncbit.demo.origin DIR [PORT [HOST]]
     import sys
 
-    srv = OriginServer(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    srv = OriginServer(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+                       host=sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1")
     print(srv.url, flush=True)
     srv.serve_forever()
 
