@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 
 missing=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc; do
+pkgs=(fuse3 libfuse3-dev pkg-config gcc)
+# The tests also build a multi-host bed from network namespaces (ip, tc, nsenter).
+[ "$extras" = test ] && pkgs+=(iproute2 util-linux)
+for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
 # A Python with venv and headers (pyfuse3 may compile against libfuse3).
