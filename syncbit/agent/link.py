@@ -38,6 +38,7 @@ class ControlPlaneLink:
         self.connected = False
         self.last_ok: float | None = None
         self._sent_bitmaps: dict[str, bytes] = {}
+        self._last_holders: dict[tuple[str, int], tuple[str, list[str]]] = {}  # for tracker outages
         self._http: httpx.AsyncClient | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -141,9 +142,17 @@ class ControlPlaneLink:
             r.raise_for_status()
             items = r.json()["items"]
         except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
-            log.debug("tracker lookup failed: %s", e)
-            return {}
-        return {i: it for i, it in zip(idxs, items) if isinstance(it, dict)}
+            # The tracker is away: use the peers it named last for these blocks.
+            log.debug("tracker lookup failed (%s); using the peers last heard of", e)
+            return {i: {"id": h[0], "peers": h[1]} for i in idxs if (h := self._last_holders.get((fo, i)))}
+        answers = {i: it for i, it in zip(idxs, items) if isinstance(it, dict)}
+        for i, it in answers.items():
+            if it.get("id") and it.get("peers"):
+                self._last_holders[(fo, i)] = (it["id"], list(it["peers"]))
+        if len(self._last_holders) > 200_000:  # bounded: forget the oldest half
+            for key in list(self._last_holders)[:100_000]:
+                del self._last_holders[key]
+        return answers
 
     async def snapshot(self, snapshot_id: str) -> Snapshot:
         r = await self._http.get(f"/v1/snapshots/{snapshot_id}")

@@ -4,6 +4,7 @@ through the control plane's tracker; the source is the fallback."""
 from __future__ import annotations
 
 import random
+import signal
 import time
 
 import httpx
@@ -167,3 +168,21 @@ def test_nodes_starting_together_take_about_one_copy_from_the_source(tmp_path, o
         for rel, data in files.items():
             assert (a.mnt / "d" / rel).read_bytes() == data
     assert origin.bytes_sent <= 1.5 * total, f"origin sent {origin.bytes_sent / total:.2f} copies"
+
+
+def test_with_the_tracker_down_agents_use_the_peers_they_last_heard_of(tmp_path, origin_factory, server_factory,
+                                                                      agent_factory):
+    files = files_of(8)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    agents = peer_agents(agent_factory, server, tmp_path, ["n0", "n1"])
+    first_node_ready(server, origin, agents, files)
+    n1 = agents["n1"]
+    n1.cli("pull", origin.url, "--name", "local")  # by hand on n1: every block comes from n0
+    sent = origin.bytes_sent
+    n1.cli("evict", "local")  # unpinned and dropped; the holders it learnt stay in memory
+    server.stop(signal.SIGKILL)
+    origin.stop()
+    for rel, data in files.items():
+        assert (n1.mnt / "local" / rel).read_bytes() == data  # from n0, with no tracker and no origin
+    assert origin.bytes_sent == sent
