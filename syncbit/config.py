@@ -76,13 +76,16 @@ class AgentConfig:
     peer_advertise: str | None = None  # what other nodes dial; default: peer_listen
     cluster_secret_file: str | None = None
     peer_upload_slots: int = 8
+    # Bytes/s for all uploads to / downloads from peers together; 0: unlimited.
+    peer_upload_rate: int = 0
+    peer_download_rate: int = 0
 
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir)
 
 
-_SIZE_KEYS = {"min_free_disk", "block_size", "readahead"}
+_SIZE_KEYS = {"min_free_disk", "block_size", "readahead", "peer_upload_rate", "peer_download_rate"}
 _DURATION_KEYS = {"fetch_deadline", "commit_interval", "heartbeat_interval", "node_down_after"}
 _INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb", "peer_upload_slots"}
 _FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}

@@ -85,9 +85,10 @@ class Agent:
             from ..peer.swarm import Swarm
 
             secret = load_secret(config.cluster_secret_file)
-            self.peer_server = PeerServer(self.cache, secret, upload_slots=config.peer_upload_slots)
+            self.peer_server = PeerServer(self.cache, secret, upload_slots=config.peer_upload_slots,
+                                          upload_rate=config.peer_upload_rate)
             self.peer_address = config.peer_advertise or config.peer_listen
-            self._peer_client = PeerClient(secret, config.node_name)
+            self._peer_client = PeerClient(secret, config.node_name, download_rate=config.peer_download_rate)
             self.fetcher.peers = Swarm(self._peer_client, self.link, config.block_size)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None

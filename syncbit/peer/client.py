@@ -18,6 +18,7 @@ from ..errors import BlockCorrupt
 from ..metrics import PEER_BYTES, PEER_ERRORS
 from ..model import content_id
 from .auth import auth_headers
+from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,10 @@ MIN_RATE = 1 * 2**20  # bytes/s below which a peer is given up on for a block
 
 
 class PeerClient:
-    def __init__(self, secret: bytes, node: str) -> None:
+    def __init__(self, secret: bytes, node: str, download_rate: int = 0) -> None:
         self.secret = secret
         self.node = node
+        self.rate = RateLimit(download_rate)  # bytes/s for all downloads from peers; 0: unlimited
         self.banned: dict[str, float] = {}
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0),
                                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
@@ -51,18 +53,24 @@ class PeerClient:
         headers = auth_headers(self.secret, "GET", path, time.time(), self.node)
         with trio.move_on_after(max(5.0, size / MIN_RATE)):
             try:
-                r = await self._http.get(f"http://{address}{path}", headers=headers)
+                async with self._http.stream("GET", f"http://{address}{path}", headers=headers) as r:
+                    if r.status_code != 200:
+                        PEER_ERRORS.labels(reason=str(r.status_code)).inc()
+                        if r.status_code == 401:
+                            log.error("peer %s refused our cluster signature: is cluster_secret_file the same "
+                                      "there?", address)
+                        return None
+                    buf = bytearray()
+                    async for chunk in r.aiter_bytes():
+                        await self.rate.take(len(chunk))
+                        buf += chunk
+                        if len(buf) > size:
+                            break  # more than a block: the hash check below refuses it
             except httpx.HTTPError as e:
                 PEER_ERRORS.labels(reason="unreachable").inc()
                 log.debug("peer %s: %s: %s", address, type(e).__name__, e)
                 return None
-            if r.status_code != 200:
-                PEER_ERRORS.labels(reason=str(r.status_code)).inc()
-                if r.status_code == 401:
-                    log.error("peer %s refused our cluster signature: is cluster_secret_file the same there?",
-                              address)
-                return None
-            data = r.content
+            data = bytes(buf)
             got = content_id(data)
             if got != block_id:
                 self.banned[address] = time.monotonic() + BAN_SECONDS

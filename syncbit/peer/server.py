@@ -20,11 +20,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..metrics import PEER_BYTES
 from .auth import NODE_HEADER, verify
+from .ratelimit import RateLimit
 
 if TYPE_CHECKING:
     from ..cache import BlockCache
@@ -34,10 +35,13 @@ _ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class PeerServer:
-    def __init__(self, cache: BlockCache, secret: bytes, *, upload_slots: int = 8) -> None:
+    CHUNK = 256 * 1024
+
+    def __init__(self, cache: BlockCache, secret: bytes, *, upload_slots: int = 8, upload_rate: int = 0) -> None:
         self.cache = cache
         self.secret = secret
         self.slots = trio.Semaphore(upload_slots)
+        self.rate = RateLimit(upload_rate)  # bytes/s for all uploads together; 0: unlimited
         self.active = 0
         # Test-only fault switch: serve every block with one byte flipped.
         self.corrupt = os.environ.get("SYNCBIT_TEST_CORRUPT_PEER") == "1"
@@ -51,20 +55,31 @@ class PeerServer:
             bid = request.path_params["id"]
             if not _ID.match(bid):
                 return JSONResponse({"error": "bad request", "message": "not a block id"}, status_code=400)
+            data = self._read(bid)
+            if data is None:
+                return JSONResponse({"error": "not found", "message": "block not held"}, status_code=404)
             try:
                 self.slots.acquire_nowait()
             except trio.WouldBlock:
                 return JSONResponse({"error": "busy", "message": "all upload slots in use"}, status_code=429)
-            try:
-                self.active += 1
-                data = self._read(bid)
-                if data is None:
-                    return JSONResponse({"error": "not found", "message": "block not held"}, status_code=404)
-                PEER_BYTES.labels(direction="upload", peer=request.headers.get(NODE_HEADER, "?")).inc(len(data))
-                return Response(data, media_type="application/octet-stream")
-            finally:
-                self.active -= 1
-                self.slots.release()
+            self.active += 1
+            counter = PEER_BYTES.labels(direction="upload", peer=request.headers.get(NODE_HEADER, "?"))
+
+            async def body():
+                # The slot is held until the last byte is sent (or the peer hangs up).
+                try:
+                    view = memoryview(data)
+                    for pos in range(0, len(data), self.CHUNK):
+                        chunk = view[pos:pos + self.CHUNK]
+                        await self.rate.take(len(chunk))
+                        yield bytes(chunk)
+                        counter.inc(len(chunk))
+                finally:
+                    self.active -= 1
+                    self.slots.release()
+
+            return StreamingResponse(body(), media_type="application/octet-stream",
+                                     headers={"content-length": str(len(data))})
 
         return Starlette(routes=[Route("/v1/blocks/{id}", block)])
 

@@ -186,3 +186,21 @@ def test_with_the_tracker_down_agents_use_the_peers_they_last_heard_of(tmp_path,
     for rel, data in files.items():
         assert (n1.mnt / "local" / rel).read_bytes() == data  # from n0, with no tracker and no origin
     assert origin.bytes_sent == sent
+
+
+def test_upload_rate_limit_holds(tmp_path, origin_factory, server_factory, agent_factory):
+    """n0 uploads at most 1 MiB/s: n1 cannot get 3 MiB from it faster than ~2.75 s (no upper bound asserted)."""
+    files = {"w.bin": random.Random(9).randbytes(12 * BS)}  # 3 MiB
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    n0 = peer_agents(agent_factory, server, tmp_path, ["n0"], peer_upload_rate="1MiB")["n0"]
+    n1 = peer_agents(agent_factory, server, tmp_path, ["n1"])["n1"]
+    first_node_ready(server, origin, {"n0": n0}, files)
+    sent = origin.bytes_sent
+    t0 = time.monotonic()
+    cli(server, "assign", "d", "--nodes", "n0,n1")
+    cli(server, "wait", "d", "--timeout", "60")
+    took = time.monotonic() - t0
+    assert origin.bytes_sent == sent  # all from n0
+    assert took >= 2.5, f"3 MiB at 1 MiB/s took {took:.2f}s"
+    assert (n1.mnt / "d" / "w.bin").read_bytes() == files["w.bin"]

@@ -42,3 +42,21 @@ def test_secrets_shorter_than_16_bytes_or_missing_are_refused(tmp_path):
         load_secret(str(tmp_path / "missing"))
     (tmp_path / "ok").write_text("  a secret that is long enough \n")
     assert load_secret(str(tmp_path / "ok")) == b"a secret that is long enough"
+
+
+async def test_rate_limit_paces_bytes_across_callers(autojump_clock):
+    import trio
+
+    from syncbit.peer.ratelimit import RateLimit
+
+    limit = RateLimit(1_000_000, burst_seconds=0.25)
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(4):
+            n.start_soon(limit.take, 1_000_000)
+    # 4 MB at 1 MB/s, less the 0.25 s burst allowance of an idle limiter.
+    assert trio.current_time() - start == pytest.approx(3.75)
+    unlimited = RateLimit(0)
+    t = trio.current_time()
+    await unlimited.take(10**12)
+    assert trio.current_time() == t
