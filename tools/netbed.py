@@ -1,8 +1,9 @@
 """A multi-host test bed on one machine: network namespaces on a bridge, links shaped with tc.
 
 Each host is a network namespace with one veth interface (``eth0``,
-``10.77.0.N/24``) whose other end is a port of a bridge in the root
-namespace (which gets ``10.77.0.254``, so tests can reach every host).
+``10.X.0.N/24``, X derived from the prefix) whose other end is a port of a
+bridge in the root namespace (which gets ``.254``, so tests can reach every
+host).
 Bandwidth is shaped with ``tbf`` on both ends of each veth (the kernel here
 has no ``netem``: no delay or loss). Processes run with
 ``nsenter --net=/run/netns/NAME``, which changes only the network namespace:
@@ -18,9 +19,6 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
-
-SUBNET = "10.77.0"
-
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -42,14 +40,16 @@ class Host:
 
 
 class NetBed:
-    def __init__(self, prefix: str = "sb", rate: str = "200mbit") -> None:
+    def __init__(self, prefix: str = "sb", rate: str = "200mbit", subnet: str | None = None) -> None:
         self.prefix = prefix
         self.rate = rate
+        # One /24 per prefix, so that two beds (a test and a benchmark) can coexist.
+        self.subnet = subnet or f"10.{77 + sum(prefix.encode()) % 100}.0"
         self.bridge = f"{prefix}br0"
         self.hosts: dict[str, Host] = {}
         self._cleanup_stale()
         _sh("ip", "link", "add", self.bridge, "type", "bridge")
-        _sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", self.bridge)
+        _sh("ip", "addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
         _sh("ip", "link", "set", self.bridge, "up")
 
     def _cleanup_stale(self) -> None:
@@ -58,10 +58,14 @@ class NetBed:
             if name.startswith(f"{self.prefix}-"):
                 _sh("ip", "netns", "del", name, check=False)
         _sh("ip", "link", "del", self.bridge, check=False)
+        for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+            name = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
+            if name.startswith(self.prefix) and name[len(self.prefix):-1].isdigit():
+                _sh("ip", "link", "del", name, check=False)  # a veth left by a killed run
 
     def add_host(self, name: str, rate: str | None = None) -> Host:
         n = len(self.hosts) + 1
-        host = Host(name, f"{self.prefix}-{name}", f"{SUBNET}.{n}", f"{self.prefix}{n}h", f"{self.prefix}{n}b")
+        host = Host(name, f"{self.prefix}-{name}", f"{self.subnet}.{n}", f"{self.prefix}{n}h", f"{self.prefix}{n}b")
         _sh("ip", "netns", "add", host.netns)
         _sh("ip", "link", "add", host.veth_host, "type", "veth", "peer", "name", host.veth_bridge)
         _sh("ip", "link", "set", host.veth_bridge, "master", self.bridge)

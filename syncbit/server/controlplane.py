@@ -54,6 +54,13 @@ class ControlPlane:
         self.live: dict[str, Liveness] = {}
         self.changed = trio.Event()  # fires on any placement or node state change (wait, status)
         self.heartbeats = 0
+        # Heartbeat fast path: answers and reports cached in memory, so a steady
+        # node's heartbeat reads and writes nothing (see tools/bench/cp_scale_bench.py).
+        self.version = 0
+        self._desired: dict[str, tuple[int, list[dict]]] = {}
+        self._reports: dict[tuple[str, str], tuple] = {}
+        self._recorded: dict[tuple[str, int], str] = {}  # recent manifest entries
+        self.reschedule_pending = False
         # Tracker state, in memory: refreshed by every heartbeat.
         self.node_meta: dict[str, dict] = {}  # node -> peer_address, block_size, uploads, zone
         self.bitmaps: dict[str, dict[str, bytes]] = {}  # snapshot -> node -> held-block bitmap
@@ -67,6 +74,7 @@ class ControlPlane:
             self.live[n["name"]] = Liveness(time.monotonic(), n["up"])
 
     def _notify(self) -> None:
+        self.version += 1  # what desired() answers may have changed
         self.changed.set()
         self.changed = trio.Event()
 
@@ -108,6 +116,7 @@ class ControlPlane:
     def remove_dataset(self, name: str) -> None:
         self._dataset(name)
         self.store.delete_dataset(name)
+        self._reports.clear()
         log.info("dataset %s removed", name)
         self._notify()
 
@@ -151,11 +160,13 @@ class ControlPlane:
     def unassign(self, dataset: str) -> None:
         self._dataset(dataset)
         self.store.delete_assignment(dataset)
+        self._reports.clear()
         log.info("dataset %s unassigned", dataset)
         self._notify()
 
     def reschedule(self) -> None:
         """Recompute every assignment's placements (cheap: pure, in memory, a few rows per change)."""
+        self._reports.clear()  # placements may be reset or re-made: take the next reports as news
         nodes = self._node_views()
         changed = False
         for row in self.store.assignments():
@@ -224,9 +235,13 @@ class ControlPlane:
         for ds_name, rep in datasets.items():
             if not isinstance(rep, Mapping) or rep.get("state") not in STATES:
                 raise ConfigError(f"dataset report {ds_name!r}: needs a state in {', '.join(STATES)}")
-            if self.store.report(name, str(ds_name), str(rep.get("snapshot")), rep["state"],
-                                 rep.get("error") if isinstance(rep.get("error"), str) else None,
-                                 _int(rep, "bytes_cached"), _int(rep, "bytes_total")):
+            report = (str(rep.get("snapshot")), rep["state"],
+                      rep.get("error") if isinstance(rep.get("error"), str) else None,
+                      _int(rep, "bytes_cached"), _int(rep, "bytes_total"))
+            if self._reports.get((name, str(ds_name))) == report:
+                continue  # nothing new: no database round trip
+            self._reports[(name, str(ds_name))] = report
+            if self.store.report(name, str(ds_name), *report):
                 notify = True
                 log.info("node %s: dataset %s is %s%s", name, ds_name, rep["state"],
                          f" ({rep.get('error')})" if rep.get("error") else "")
@@ -250,7 +265,9 @@ class ControlPlane:
         self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": _int(body, "uploads"),
                                 "zone": dict(labels).get(self.topology_label)}
         if reschedule:
-            self.reschedule()
+            # Not now: a burst of joining nodes would each pay a full reschedule
+            # inside its heartbeat. The liveness loop runs it within a second.
+            self.reschedule_pending = True
         if notify:
             self._notify()
         return {"desired": self.desired(name), "refused_blocks": refused,
@@ -266,12 +283,26 @@ class ControlPlane:
         if not isinstance(reports, list) or len(reports) > MAX_BLOCK_REPORTS:
             raise ConfigError(f"blocks must be a list of at most {MAX_BLOCK_REPORTS} [fo, index, id] items")
         clean = []
+        refused = []
         for item in reports:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and isinstance(item[1], int) and isinstance(item[2], str) and len(item[2]) == 64):
                 raise ConfigError(f"malformed block report {item!r}: expected [file object, index, BLAKE3 hex id]")
+            known = self._recorded.get((item[0], item[1]))
+            if known == item[2]:
+                continue  # already recorded (every node hashes the same blocks)
+            if known is not None:
+                refused.append((item[0], item[1], item[2], known))
+                continue
             clean.append(tuple(item))
-        refused = self.store.record_blocks(node, clean)
+        refused += self.store.record_blocks(node, clean)
+        refused_keys = {(fo, idx) for fo, idx, _, _ in refused}
+        if len(self._recorded) > 500_000:  # bounded (~100 MB): forget the oldest half
+            for key in list(self._recorded)[:250_000]:
+                del self._recorded[key]
+        for fo, idx, block in clean:
+            if (fo, idx) not in refused_keys:
+                self._recorded[(fo, idx)] = block
         for fo, idx, got, recorded in refused:
             log.warning("node %s reported block %s of file object %s as %s, but %s is recorded: refused",
                         node, idx, fo, got, recorded)
@@ -348,6 +379,14 @@ class ControlPlane:
         return positions
 
     def desired(self, node: str) -> list[dict]:
+        hit = self._desired.get(node)
+        if hit is not None and hit[0] == self.version:
+            return hit[1]
+        out = self._compute_desired(node)
+        self._desired[node] = (self.version, out)
+        return out
+
+    def _compute_desired(self, node: str) -> list[dict]:
         out = []
         switches = {a["dataset"]: a["switch"] for a in self.store.assignments()}
         for p in self.store.placements(node=node):
@@ -358,8 +397,19 @@ class ControlPlane:
                         "snapshot": p["snapshot"], "switch": switches.get(p["dataset"], "complete")})
         return out
 
-    def check_liveness(self) -> None:
-        """Mark nodes that missed heartbeats for ``node_down_after`` as down (and re-place their replicas)."""
+    def check_liveness(self, lag: float = 0.0) -> None:
+        """Mark nodes that missed heartbeats for ``node_down_after`` as down (and re-place their replicas).
+
+        ``lag`` is how late this check runs: when the server itself is behind,
+        missing heartbeats may be waiting in its own queue, so nobody is marked
+        down this round (otherwise an overload turns into a re-placement storm).
+        """
+        if self.reschedule_pending:
+            self.reschedule_pending = False
+            self.reschedule()
+        if lag > self.node_down_after / 4:
+            log.warning("liveness check %.1fs late: the server is overloaded; not marking nodes down", lag)
+            return
         now = time.monotonic()
         down = [n for n, live in self.live.items() if live.up and now - live.last_seen > self.node_down_after]
         for n in down:

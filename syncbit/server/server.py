@@ -29,6 +29,8 @@ class Server:
         cfg.accesslog = None
         cfg.errorlog = logging.getLogger("syncbit.server.http")
         cfg.graceful_timeout = 1.0
+        # Above any heartbeat interval: agents keep one connection instead of a new one per beat.
+        cfg.keep_alive_timeout = 75
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve, build_app(self.cp), cfg)
@@ -41,9 +43,11 @@ class Server:
             log.info("control plane stopped")
 
     async def _liveness(self) -> None:
+        period = min(1.0, self.config.node_down_after / 4)
         while True:
-            await trio.sleep(min(1.0, self.config.node_down_after / 4))
-            self.cp.check_liveness()
+            due = trio.current_time() + period
+            await trio.sleep(period)
+            self.cp.check_liveness(lag=trio.current_time() - due)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         import signal

@@ -228,14 +228,19 @@ class Store:
     def record_blocks(self, node: str, reports: Iterable[tuple[str, int, str]]) -> list[tuple[str, int, str, str]]:
         """Record first-hashed block ids; returns the refused ones as (fo, idx, reported, recorded)."""
         refused = []
+        reports = list(reports)
+        if not reports:
+            return refused
         now = time.time()
-        with transaction(self.db.conn):
-            for fo, idx, block in reports:
-                cur = self.db.execute("INSERT OR IGNORE INTO manifest (fo, idx, block, node, reported) "
-                                      "VALUES (?,?,?,?,?)", (fo, idx, block, node, now))
-                if cur.rowcount == 0:
-                    recorded = self.db.execute("SELECT block FROM manifest WHERE fo=? AND idx=?",
-                                               (fo, idx)).fetchone()[0]
+        conn = self.db.conn
+        with transaction(conn):
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO manifest (fo, idx, block, node, reported) VALUES (?,?,?,?,?)",
+                             [(fo, idx, block, node, now) for fo, idx, block in reports])
+            if conn.total_changes - before < len(reports):
+                # Some were recorded before: check those (rare once the server has seen them).
+                for fo, idx, block in reports:
+                    recorded = conn.execute("SELECT block FROM manifest WHERE fo=? AND idx=?", (fo, idx)).fetchone()[0]
                     if recorded != block:
                         refused.append((fo, idx, block, recorded))
         return refused
