@@ -41,20 +41,20 @@ def cluster(tmp_path, bed, server_factory, agent_factory):
     origin = subprocess.Popen([*origin_host.prefix(), sys.executable, "-m", "syncbit.demo.origin",
                                str(tmp_path / "src"), "8080", origin_host.address],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = origin.stdout.readline().strip()
-    server = server_factory(host=cp.address, prefix=cp.prefix(), node_down_after="4s")
-    (tmp_path / "secret").write_text(SECRET)
-    agents = {}
-    for i in range(4):
-        host = bed.add_host(f"n{i}")
-        agents[f"n{i}"] = agent_factory(
-            f"n{i}", prefix=host.prefix(), node_name=f"n{i}", server=server.url, heartbeat_interval="0.5s",
-            block_size=BS, peer_listen=f"{host.address}:7071", cluster_secret_file=str(tmp_path / "secret"),
-            fetch_deadline="30s")
-        agents[f"n{i}"].host = host
-    wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 4, what="4 nodes")
-    cli(server, "dataset", "add", "d", url)
-    try:
+    try:  # from here on, the origin is stopped whatever fails
+        url = origin.stdout.readline().strip()
+        server = server_factory(host=cp.address, prefix=cp.prefix(), node_down_after="4s")
+        (tmp_path / "secret").write_text(SECRET)
+        agents = {}
+        for i in range(4):
+            host = bed.add_host(f"n{i}")
+            agents[f"n{i}"] = agent_factory(
+                f"n{i}", prefix=host.prefix(), node_name=f"n{i}", server=server.url, heartbeat_interval="0.5s",
+                block_size=BS, peer_listen=f"{host.address}:7071", cluster_secret_file=str(tmp_path / "secret"),
+                fetch_deadline="30s")
+            agents[f"n{i}"].host = host
+        wait_until(lambda: len(server.api("GET", "/v1/nodes").json()["nodes"]) == 4, what="4 nodes")
+        cli(server, "dataset", "add", "d", url)
         yield {"bed": bed, "server": server, "agents": agents, "files": files, "origin_host": origin_host,
                "size": sum(map(len, files.values()))}
     finally:
