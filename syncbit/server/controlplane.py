@@ -59,7 +59,9 @@ class ControlPlane:
         self.version = 0
         self._desired: dict[str, tuple[int, list[dict]]] = {}
         self._reports: dict[tuple[str, str], tuple] = {}
-        self._recorded: dict[tuple[str, int], str] = {}  # recent manifest entries
+        # Recent manifest entries, keyed "fo:idx": strings, not tuples, so that
+        # half a million of them add nothing to the garbage collector's passes.
+        self._recorded: dict[str, str] = {}
         self.reschedule_pending = False
         # Tracker state, in memory: refreshed by every heartbeat.
         self.node_meta: dict[str, dict] = {}  # node -> peer_address, block_size, uploads, zone
@@ -288,7 +290,7 @@ class ControlPlane:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and isinstance(item[1], int) and isinstance(item[2], str) and len(item[2]) == 64):
                 raise ConfigError(f"malformed block report {item!r}: expected [file object, index, BLAKE3 hex id]")
-            known = self._recorded.get((item[0], item[1]))
+            known = self._recorded.get(f"{item[0]}:{item[1]}")
             if known == item[2]:
                 continue  # already recorded (every node hashes the same blocks)
             if known is not None:
@@ -302,7 +304,7 @@ class ControlPlane:
                 del self._recorded[key]
         for fo, idx, block in clean:
             if (fo, idx) not in refused_keys:
-                self._recorded[(fo, idx)] = block
+                self._recorded[f"{fo}:{idx}"] = block
         for fo, idx, got, recorded in refused:
             log.warning("node %s reported block %s of file object %s as %s, but %s is recorded: refused",
                         node, idx, fo, got, recorded)
