@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PREFETCH_RUN_BLOCKS = 16
+_PEER_RUN_BLOCKS = 2
 
 
 def check_dataset_name(name: str) -> str:
@@ -436,7 +437,10 @@ class Agent:
                 item = next(work, None)
                 if item is None:
                     return
-                await self.fetcher.prefetch_run(source, item[0], item[1], _PREFETCH_RUN_BLOCKS)
+                # With peers, small runs: each is a claim on the source that
+                # other nodes wait for, so it should finish in a second or two.
+                run = _PEER_RUN_BLOCKS if self.peer_server is not None else _PREFETCH_RUN_BLOCKS
+                await self.fetcher.prefetch_run(source, item[0], item[1], run)
 
     async def evict(self, name: str) -> int:
         """Unpin a dataset and drop its cached blocks that no other pinned dataset uses."""

@@ -236,10 +236,16 @@ class Fetcher:
         try:
             remaining = list(claimed)
             if self.peers is not None:
-                # Peers first: blocks other nodes hold cost the source nothing.
-                for idx, data in sorted((await self.peers.fetch_blocks(entry, remaining)).items()):
-                    await self._memory.acquire()
-                    await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
+                # Peers first: blocks other nodes hold cost the source nothing;
+                # blocks the tracker grants us come from the source meanwhile.
+                async def from_source(idxs: list[int]) -> None:
+                    for segment in _contiguous(idxs):
+                        await self._fetch_source(source, entry, segment)
+
+                for idx, data in sorted((await self.peers.fetch_blocks(entry, remaining, from_source)).items()):
+                    if (entry.file_object, idx) in self._flights:
+                        await self._memory.acquire()
+                        await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
                 remaining = [i for i in remaining if (entry.file_object, i) in self._flights]
             for segment in _contiguous(remaining):
                 await self._fetch_source(source, entry, segment)

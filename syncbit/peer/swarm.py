@@ -32,24 +32,34 @@ class Swarm:
         self.block_size = block_size
         self.limiter = trio.CapacityLimiter(concurrency)
 
-    # How long to wait for a block another node is fetching from the source
-    # before fetching it too: about the time that node needs for a run.
+    # How long to wait, with no block arriving, for blocks another node is
+    # fetching from the source before fetching them too.
     WAIT_FOR_CLAIM = 20.0
     POLL = 0.5
 
-    async def fetch_blocks(self, entry: FileEntry, idxs: list[int]) -> dict[int, bytes]:
+    async def fetch_blocks(self, entry: FileEntry, idxs: list[int], fetch_source) -> dict[int, bytes]:
         """Whatever of blocks ``idxs`` of ``entry`` peers can give, verified, by index.
 
-        Blocks the tracker says another node is fetching from the source are
-        asked for again until that node has them (or ``WAIT_FOR_CLAIM`` runs
-        out): the source sends each block about once, whatever the number of nodes.
+        Blocks the tracker grants us (nobody holds them, nobody is fetching
+        them) go to ``fetch_source(idxs)`` at once, beside the rest. Blocks
+        another node is fetching are asked for again until that node has them;
+        we give up on them (and the caller goes to the source) only after
+        ``WAIT_FOR_CLAIM`` seconds without any of them arriving. The source
+        thus sends each block about once, whatever the number of nodes.
         """
         got: dict[int, bytes] = {}
         pending = list(idxs)
-        with trio.move_on_after(self.WAIT_FOR_CLAIM):
-            while pending:
+        async with trio.open_nursery() as sources:
+            give_up = trio.current_time() + self.WAIT_FOR_CLAIM
+            while pending and trio.current_time() < give_up:
                 answers = await self.link.lookup(entry.file_object, pending)
+                mine = [i for i in pending if answers.get(i, {}).get("source")]
+                if mine:
+                    sources.start_soon(fetch_source, mine)
+                before = len(got)
                 await self._fetch_from(entry, answers, got)
+                if len(got) > before:
+                    give_up = trio.current_time() + self.WAIT_FOR_CLAIM  # progress: keep waiting
                 pending = [i for i in pending if i not in got and answers.get(i, {}).get("wait_for")]
                 if pending:
                     await trio.sleep(self.POLL)
