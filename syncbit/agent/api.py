@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -54,6 +54,8 @@ def build_app(agent: Agent) -> Starlette:
             return _error(ConfigError("request body is not JSON"))
         except SyncbitError as e:
             return _error(e)
+        except ClientDisconnect:  # the CLI went away mid-request: nobody to answer
+            return Response(status_code=499)
 
     async def get_dataset(request: Request):
         try:

@@ -13,7 +13,7 @@ import time
 
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -114,6 +114,8 @@ def build_app(cp: ControlPlane) -> Starlette:
                 return await fn(request)
             except SyncbitError as e:
                 return _error(e)
+            except ClientDisconnect:  # the caller went away mid-request (an agent stopping): nobody to answer
+                return Response(status_code=499)
         return wrapped
 
     async def status(request: Request):
