@@ -212,60 +212,67 @@ class ControlPlane:
     # -- nodes ------------------------------------------------------------------
 
     def heartbeat(self, name: str, body: Mapping) -> dict:
+        # Everything is checked before anything is applied: a malformed
+        # heartbeat changes nothing (not even registering the node).
         check_name(name, "node")
         labels = body.get("labels", {})
         if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in labels.items()):
             raise ConfigError("labels must be an object of strings")
-        capacity, free = _int(body, "capacity"), _int(body, "free")
+        labels = dict(labels)
+        capacity, free, uploads = _int(body, "capacity"), _int(body, "free"), _int(body, "uploads")
+        datasets = body.get("datasets", {})
+        if not isinstance(datasets, Mapping):
+            raise ConfigError("datasets must be an object")
+        reports = []
+        for ds_name, rep in datasets.items():
+            if not isinstance(rep, Mapping) or rep.get("state") not in STATES:
+                raise ConfigError(f"dataset report {ds_name!r}: needs a state in {', '.join(STATES)}")
+            reports.append((str(ds_name), (str(rep.get("snapshot")), rep["state"],
+                                           rep.get("error") if isinstance(rep.get("error"), str) else None,
+                                           _int(rep, "bytes_cached"), _int(rep, "bytes_total"))))
+        blocks = _parse_blocks(body.get("blocks", []))
+        holdings = body.get("holdings", {})
+        if not isinstance(holdings, Mapping):
+            raise ConfigError("holdings must be an object of snapshot -> bitmap")
+        decoded = {str(s): decode_bitmap(b) for s, b in holdings.items()}
+        address = body.get("peer_address")
+        if address is not None and (not isinstance(address, str) or ":" not in address or len(address) > 300):
+            raise ConfigError("peer_address must be HOST:PORT")
+        block_size = body.get("block_size", 4 * 2**20)
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise ConfigError("block_size must be a positive integer")
+
         now = time.time()
         self.heartbeats += 1
         live = self.live.get(name)
         row = self._node_row(name)
         reschedule = live is None or not live.up or row is None
         if reschedule:
-            log.info("node %s %s (labels %s)", name, "registered" if row is None else "is up", dict(labels))
+            log.info("node %s %s (labels %s)", name, "registered" if row is None else "is up", labels)
         self.live[name] = Liveness(time.monotonic(), True)
-        if row is None or row["labels"] != dict(labels) or _free_changed(row["free"], free) or not row["up"]:
-            if row is not None and (row["labels"] != dict(labels) or _free_changed(row["free"], free)):
+        if row is None or row["labels"] != labels or _free_changed(row["free"], free) or not row["up"]:
+            if row is not None and (row["labels"] != labels or _free_changed(row["free"], free)):
                 reschedule = True
             self.store.put_node(name, labels, capacity, free, True, now)
         notify = False
-        datasets = body.get("datasets", {})
-        if not isinstance(datasets, Mapping):
-            raise ConfigError("datasets must be an object")
-        for ds_name, rep in datasets.items():
-            if not isinstance(rep, Mapping) or rep.get("state") not in STATES:
-                raise ConfigError(f"dataset report {ds_name!r}: needs a state in {', '.join(STATES)}")
-            report = (str(rep.get("snapshot")), rep["state"],
-                      rep.get("error") if isinstance(rep.get("error"), str) else None,
-                      _int(rep, "bytes_cached"), _int(rep, "bytes_total"))
-            if self._reports.get((name, str(ds_name))) == report:
+        for ds_name, report in reports:
+            if self._reports.get((name, ds_name)) == report:
                 continue  # nothing new: no database round trip
-            self._reports[(name, str(ds_name))] = report
-            if self.store.report(name, str(ds_name), *report):
+            self._reports[(name, ds_name)] = report
+            if self.store.report(name, ds_name, *report):
                 notify = True
-                log.info("node %s: dataset %s is %s%s", name, ds_name, rep["state"],
-                         f" ({rep.get('error')})" if rep.get("error") else "")
-            elif rep.get("state") == "syncing":
+                log.info("node %s: dataset %s is %s%s", name, ds_name, report[1],
+                         f" ({report[2]})" if report[2] else "")
+            elif report[1] == "syncing":
                 notify = True  # progress for waiters and status
-        refused = self._blocks(name, body.get("blocks", []))
-        holdings = body.get("holdings", {})
-        if holdings:
-            if not isinstance(holdings, Mapping):
-                raise ConfigError("holdings must be an object of snapshot -> bitmap")
-            decoded = {str(s): decode_bitmap(b) for s, b in holdings.items()}
+        refused = self._blocks(name, blocks)
+        if decoded:
             self.store.put_holdings(name, decoded)
             for snap_id, bitmap in decoded.items():
                 self.bitmaps.setdefault(snap_id, {})[name] = bitmap
-        address = body.get("peer_address")
-        if address is not None and (not isinstance(address, str) or ":" not in address or len(address) > 300):
-            raise ConfigError("peer_address must be HOST:PORT")
-        block_size = body.get("block_size", 4 * 2**20)
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ConfigError("block_size must be a positive integer")
-        self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": _int(body, "uploads"),
-                                "zone": dict(labels).get(self.topology_label)}
+        self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": uploads,
+                                "zone": labels.get(self.topology_label)}
         if reschedule:
             # Not now: a burst of joining nodes would each pay a full reschedule
             # inside its heartbeat. The liveness loop runs it within a second.
@@ -281,15 +288,10 @@ class ControlPlane:
             return None
         return {"labels": json.loads(row[0]), "free": row[1], "up": bool(row[2])}
 
-    def _blocks(self, node: str, reports) -> list:
-        if not isinstance(reports, list) or len(reports) > MAX_BLOCK_REPORTS:
-            raise ConfigError(f"blocks must be a list of at most {MAX_BLOCK_REPORTS} [fo, index, id] items")
+    def _blocks(self, node: str, reports: list[tuple[str, int, str]]) -> list:
         clean = []
         refused = []
         for item in reports:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                    and isinstance(item[1], int) and isinstance(item[2], str) and len(item[2]) == 64):
-                raise ConfigError(f"malformed block report {item!r}: expected [file object, index, BLAKE3 hex id]")
             known = self._recorded.get(f"{item[0]}:{item[1]}")
             if known == item[2]:
                 continue  # already recorded (every node hashes the same blocks)
@@ -452,6 +454,19 @@ class ControlPlane:
             return "waiting", "not ready on " + ", ".join(
                 f"{n} ({nodes[n]['state']}{'' if nodes[n]['node_up'] else ', node down'})" for n in waiting)
         return "ready", None
+
+
+def _parse_blocks(reports) -> list[tuple[str, int, str]]:
+    if not isinstance(reports, list) or len(reports) > MAX_BLOCK_REPORTS:
+        raise ConfigError(f"blocks must be a list of at most {MAX_BLOCK_REPORTS} [fo, index, id] items")
+    out = []
+    for item in reports:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0
+                and isinstance(item[2], str) and len(item[2]) == 64):
+            raise ConfigError(f"malformed block report {item!r}: expected [file object, index, BLAKE3 hex id]")
+        out.append((item[0], item[1], item[2]))
+    return out
 
 
 def _int(body: Mapping, key: str) -> int:

@@ -288,6 +288,7 @@ def test_bad_api_input_gets_4xx_with_a_message(tmp_path, origin_factory, server_
         body = r.json()
         assert body["message"] and body["error"], body
     assert server.api("GET", "/v1/datasets/ok").status_code == 200
+    assert server.api("GET", "/v1/nodes").json()["nodes"] == [], "a refused heartbeat registered nothing"
     metrics = server.api("GET", "/metrics").text
     assert "syncbit_server_heartbeat_seconds_count" in metrics and "syncbit_server_datasets 1.0" in metrics
 
