@@ -3,9 +3,10 @@
 Generates a model-and-data set, serves it from a local HTTP origin, starts an
 agent on a temporary mountpoint, pulls the dataset with progress, reads a
 tensor through the mount with ``safetensors`` (mmap), shows what the cache
-did; then starts a control plane and two more agents (two zones), assigns the
-dataset to them by label with one replica per zone, waits until it is ready
-on both and shows the cluster's node x dataset matrix. Cleans up at the end.
+did; then starts a control plane and two more agents (two zones, peers of each
+other), assigns the dataset to them by label with one replica per zone, waits
+until it is ready on both, shows the cluster's node x dataset matrix and how
+many copies left the origin. Cleans up at the end.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def demo(shard_mib: int, keep: bool) -> None:
         if not same:
             raise click.ClickException("the tensor read through the mount differs from the origin's")
 
-        say("7. a cluster: a control plane and two agents labelled zone=a and zone=b")
+        say("7. a cluster: a control plane and two agents (peers) labelled zone=a and zone=b")
         port = _free_port()
         server_url = f"http://127.0.0.1:{port}"
         with open(work / "server.log", "ab") as server_log:
@@ -127,6 +128,8 @@ def demo(shard_mib: int, keep: bool) -> None:
                  "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"],
                 stdout=subprocess.DEVNULL, stderr=server_log, env=env)
         _wait_for_server(server_url, server)
+        secret = work / "cluster.secret"
+        secret.write_text(os.urandom(24).hex())
         for node, zone in (("node-a", "a"), ("node-b", "b")):
             node_dir = work / node
             node_dir.mkdir()
@@ -134,7 +137,8 @@ def demo(shard_mib: int, keep: bool) -> None:
                 "node_name": node, "labels": {"role": "demo", "zone": zone}, "server": server_url,
                 "heartbeat_interval": "1s", "mountpoint": str(node_dir / "datasets"),
                 "cache_dir": str(node_dir / "cache"), "socket": str(node_dir / "agent.sock"),
-                "min_free_disk": "0"}))
+                "min_free_disk": "0", "peer_listen": f"127.0.0.1:{_free_port()}",
+                "cluster_secret_file": str(secret)}))
             # Their own sockets, from their configs: not the first agent's SYNCBIT_SOCKET.
             _syncbit("daemon", "--config", str(node_dir / "agent.yaml"),
                      env={k: v for k, v in env.items() if k != "SYNCBIT_SOCKET"})
@@ -155,8 +159,9 @@ def demo(shard_mib: int, keep: bool) -> None:
             click.echo(f"   {node_dir.name}: {name} read through its own mount, identical: {bool(ok)}")
             if not ok:
                 raise click.ClickException(f"{node_dir.name} read a different tensor")
-        click.echo(f"   the origin sent {format_size(origin.bytes_sent - sent)} for the two nodes: each fetched "
-                   "its own copy (peer-to-peer exchange, the next step, makes it one)")
+        copies = (origin.bytes_sent - sent) / sum(files.values())
+        click.echo(f"   the origin sent {format_size(origin.bytes_sent - sent)} for the two nodes ({copies:.2f} copies of "
+                   "the dataset): they fetched different blocks and traded them as peers")
         if keep:
             click.echo(f"\nleft running: ls {mnt}/tiny-model; stop with SYNCBIT_SOCKET={work}/agent.sock syncbit unmount")
             return

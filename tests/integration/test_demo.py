@@ -14,6 +14,10 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert "identical to the origin's: True" in out
     assert "node-a: " in out and "node-b: " in out and out.count("identical: True") == 2
     assert "demo finished" in out
+    import re
+
+    copies = float(re.search(r"\(([0-9.]+) copies of the dataset\)", out).group(1))
+    assert copies < 1.6, f"the two peers took {copies} copies from the origin"
     with open("/proc/self/mountinfo") as f:
         mounts = f.read()
     assert "syncbit-demo-" not in mounts, "the demo left a mount behind"
