@@ -16,16 +16,16 @@ import os
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
+
+from .httpserver import TrackedHTTPServer
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-class OriginServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class OriginServer(TrackedHTTPServer):
 
     def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = Path(root).resolve()
@@ -38,21 +38,12 @@ class OriginServer(ThreadingHTTPServer):
         self.rate: int | None = None  # bytes per second per response (slow origins)
         self.bytes_sent = 0
         self.gets = 0
-        self._lock = threading.Lock()
-        self._conns: set = set()
         super().__init__((host, port), _Handler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
-
-    def handle_error(self, request, client_address):
-        # Clients that hang up mid-body (range readers, tests) are normal here.
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            super().handle_error(request, client_address)
 
     def count(self, n: int) -> None:
         with self._lock:
@@ -62,27 +53,11 @@ class OriginServer(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="origin", daemon=True).start()
         return self
 
-    def process_request(self, request, client_address):
-        with self._lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
     def stop(self) -> None:
         """Stop listening and cut every open connection (keep-alive ones too): the origin is gone."""
         self.shutdown()
         self.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            try:
-                c.shutdown(2)
-            except OSError:
-                pass
+        self.cut_connections()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -41,7 +41,7 @@ from ..errors import (
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
 from .base import Sink, Source
 from .http import _HEADERS, _RETRIES, _TIMEOUT, deliver_range, range_headers, stream_range
-from .retry import Retrier
+from .retry import retry_within
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,7 @@ class HfSource(Source):
     # -- listing ---------------------------------------------------------
 
     async def resolve(self) -> Snapshot:
-        retrier = Retrier(self.is_temporary, what=f"listing {self.uri}")
-        with trio.move_on_after(_RESOLVE_DEADLINE) as scope:
-            return await retrier.run(self._resolve_once)
-        assert scope.cancelled_caught
-        raise SourceError(f"cannot list {self.uri}: {retrier.last_error}")
+        return await retry_within(_RESOLVE_DEADLINE, self.is_temporary, self._resolve_once, what=f"listing {self.uri}")
 
     async def _resolve_once(self) -> Snapshot:
         info = await self._call(lambda: self.api.repo_info(self.repo_id, repo_type=self.repo_type,

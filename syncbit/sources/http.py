@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
 from .base import Sink, Source
-from .retry import Retrier
+from .retry import retry_within
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,7 @@ class HttpSource(Source):
     # -- listing ---------------------------------------------------------
 
     async def resolve(self) -> Snapshot:
-        retrier = Retrier(self.is_temporary, what=f"listing {self.uri}")
-        with trio.move_on_after(_RESOLVE_DEADLINE) as scope:
-            return await retrier.run(self._resolve_once)
-        assert scope.cancelled_caught
-        raise SourceError(f"cannot list {self.uri}: {retrier.last_error}")
+        return await retry_within(_RESOLVE_DEADLINE, self.is_temporary, self._resolve_once, what=f"listing {self.uri}")
 
     async def _resolve_once(self) -> Snapshot:
         if self.uri.endswith("/"):

@@ -47,3 +47,14 @@ class Retrier:
                 # One line per retry is fine: retries are rare and spaced out.
                 log.warning("%s failed (attempt %d): %s; retrying in %.1fs", self.what, self.attempts, e, delay)
                 await trio.sleep(delay)
+
+
+async def retry_within(deadline: float, is_temporary: Callable[[BaseException], bool], op: Callable[[], Awaitable[T]],
+                       *, what: str) -> T:
+    """``op`` retried on temporary errors for at most ``deadline`` seconds (sources' listings)."""
+    from ..errors import SourceError
+
+    retrier = Retrier(is_temporary, what=what)
+    with trio.move_on_after(deadline):
+        return await retrier.run(op)
+    raise SourceError(f"{what}: gave up after {deadline:.0f}s: {retrier.last_error}")

@@ -60,9 +60,11 @@ import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Self
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode
+
+from syncbit.demo.httpserver import TrackedHTTPServer
 
 REPO_TYPES = ("model", "dataset")
 _PLURALS = {"models": "model", "datasets": "dataset"}
@@ -172,13 +174,8 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None | bool:
     return max(0, size - suffix), size - 1
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(TrackedHTTPServer):
     def __init__(self, host: str, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._lock = threading.Lock()
-        self._conns: set = set()
         self._thread: threading.Thread | None = None
         # (method, raw path with query, headers): headers is an http.client.HTTPMessage, so
         # ``"authorization" in headers`` and ``headers.get("Range")`` are case-insensitive.
@@ -194,22 +191,6 @@ class _Server(ThreadingHTTPServer):
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name=name, daemon=True)
         self._thread.start()
 
-    def handle_error(self, request, client_address):
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            super().handle_error(request, client_address)
-
-    def process_request(self, request, client_address):
-        with self._lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
     def _stop(self) -> None:
         """Stop listening and cut every open connection, keep-alive ones included."""
         if self._thread is not None:
@@ -217,13 +198,7 @@ class _Server(ThreadingHTTPServer):
             self._thread.join(5)
             self._thread = None
         self.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            try:
-                c.shutdown(2)
-            except OSError:
-                pass
+        self.cut_connections()
 
 
 class _Handler(BaseHTTPRequestHandler):

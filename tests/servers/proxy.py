@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import http.client
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from syncbit.demo.httpserver import TrackedHTTPServer
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-class FaultProxy(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class FaultProxy(TrackedHTTPServer):
 
     def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         parts = urlsplit(upstream)
@@ -28,8 +28,6 @@ class FaultProxy(ThreadingHTTPServer):
         self.requests: list[tuple[str, str]] = []
         self._fail: list[int] = []  # statuses to answer instead of forwarding, in order
         self._cut_after: int | None = None  # cut the next GET body after this many bytes
-        self._lock = threading.Lock()
-        self._conns: set = set()
         super().__init__((host, 0), _Handler)
 
     @property
@@ -62,32 +60,10 @@ class FaultProxy(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="fault-proxy", daemon=True).start()
         return self
 
-    def process_request(self, request, client_address):
-        with self._lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            super().handle_error(request, client_address)
-
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for c in conns:
-            try:
-                c.shutdown(2)
-            except OSError:
-                pass
+        self.cut_connections()
 
 
 class _Handler(BaseHTTPRequestHandler):
