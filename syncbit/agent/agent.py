@@ -3,6 +3,7 @@ the prefetcher and the local API, under one root nursery."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from ..errors import (
 from ..fetch import Fetcher
 from ..fs.fuse import SyncbitFS, fuse_options
 from ..fs.vfs import ROOT_INODE, Vfs
-from ..model import Snapshot, block_count, block_span
+from ..model import FileEntry, Snapshot, block_count, block_span
 from ..sources import Source, open_source, source_key
 from .datasets import FAILED, PENDING, READY, SYNCING, DatasetState
 from .link import ControlPlaneLink
@@ -35,7 +36,14 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PREFETCH_RUN_BLOCKS = 16
-_PEER_RUN_BLOCKS = 2
+# With peers, small source runs: each is a claim on the source that other
+# nodes wait for, so it should arrive in a second or two.
+_SOURCE_RUN_BLOCKS = 2
+_RAREST_WINDOW = 256  # missing blocks looked up at once for rarest-first (with peers)
+_RAREST_BATCH = 16  # fetched from peers per lookup: 64 MiB, a few seconds of a node's link
+_SOURCE_WINDOW = 32  # missing blocks a source worker asks the tracker about at once
+_PEER_FETCHES = 8  # blocks coming from peers at once, per node (with peers)
+_SOURCE_WORKERS = 2  # with peers: prefetch runs that take this node's share of the source (all datasets)
 
 
 def check_dataset_name(name: str) -> str:
@@ -91,6 +99,8 @@ class Agent:
             self.peer_address = config.peer_advertise or config.peer_listen
             self._peer_client = PeerClient(secret, config.node_name, download_rate=config.peer_download_rate)
             self.fetcher.peers = Swarm(self._peer_client, self.link, config.block_size)
+            self.fetcher.on_stored = self.link.stored  # announced to the tracker at once
+            self._source_limiter = trio.CapacityLimiter(_SOURCE_WORKERS)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self._mounted = False
@@ -324,12 +334,8 @@ class Agent:
         if self.link is not None:
             await self.link.seed_manifest(snap)  # verify what we fetch against what the cluster learnt
         source = self.source_for(snap)
-        work = self._missing_blocks(snap)
         try:
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    for _ in range(self.config.prefetch_concurrency):
-                        nursery.start_soon(self._prefetch_worker, source, work)
+            await self._prefetch_passes(snap, source)
             for entry in snap.files:
                 # Whole-file digests from the source (HF LFS sha256): ready means verified.
                 await self.fetcher.verify_file(entry)
@@ -350,6 +356,152 @@ class Agent:
             ds.set_state(READY)
         self._save(ds)
         log.info("dataset %s is %s", ds.name, ds.state)
+
+    # With peers: pause between passes that brought nothing, and how long
+    # rounds may bring nothing before the prefetch gives up (and says so).
+    PASS_PAUSE = 0.25
+    PASS_STALL = 120.0
+
+    async def _prefetch_passes(self, snap: Snapshot, source: Source) -> None:
+        """Fetch the snapshot's missing blocks: one pass without peers, rounds with them.
+
+        With peers, a round is one pass of a few "source" workers (this
+        node's share of the source: blocks the tracker grants it) beside a
+        stream of fetches from peers, rarest first (``_from_peers``). What
+        cannot be had yet (another node is fetching it) is left for later, so
+        nothing idles behind another node's claim. Rounds go on until nothing
+        is missing, or until PASS_STALL seconds brought nothing (the caller
+        then reports what is missing).
+        """
+        if self.peer_server is None:
+            await self._pass(snap, source)
+            return
+        stalled_since = None
+        while missing := self.missing_bytes(snap):
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    source_done = trio.Event()
+                    nursery.start_soon(self._source_pass, snap, source, source_done)
+                    await self._from_peers(snap, source, source_done)
+            if not (now_missing := self.missing_bytes(snap)):
+                return
+            if now_missing < missing:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = trio.current_time()
+            elif trio.current_time() - stalled_since > self.PASS_STALL:
+                stuck = [(e, i) for e, i in self._missing_blocks(snap)][:8]
+                said = {f"{e.path}#{i}": (await self.link.lookup(e.file_object, [i], claim=False)).get(i)
+                        for e, i in stuck}
+                log.warning("snapshot %s: no block arrived for %.0fs of prefetch passes; giving up for now "
+                            "(the tracker says of the first missing ones: %s)", snap.revision, self.PASS_STALL, said)
+                return
+            await trio.sleep(self.PASS_PAUSE)
+
+    async def _from_peers(self, snap: Snapshot, source: Source, source_done: trio.Event) -> None:
+        """Keep ``_PEER_FETCHES`` blocks coming from peers, rarest first, until the source pass is done
+        and peers hold nothing more that this node lacks.
+
+        One tracker lookup covers a window of the missing blocks (in this
+        node's random order); the held ones are taken with the fewest
+        holders first (ties in that order), a batch at a time: the blocks
+        only one node has are copied before the common ones, so no holder
+        stays the only source of anything for long. The next lookup is made
+        as soon as the batch is under way, so the link does not idle between
+        batches. A block no holder gives (dead, refusing, corrupt) goes the
+        way of a read: the next holder the tracker names, else the source.
+        """
+        slots = trio.Semaphore(_PEER_FETCHES)
+
+        async def one(entry, idx: int, block_id: str, addresses: list[str]) -> None:
+            try:
+                outcome = await self.fetcher.fetch_from_peers(entry, idx, block_id, addresses)
+                if outcome == "busy":
+                    await trio.sleep(0.2)  # its holders' upload slots are full: not straight back to them
+                elif outcome == "failed":
+                    await self.fetcher.prefetch_run(source, entry, idx, 1)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            while self.missing_bytes(snap):
+                window = list(itertools.islice(
+                    ((e, i) for e, i in self._missing_blocks(snap) if not self.fetcher.in_flight(e, i)),
+                    _RAREST_WINDOW))
+                answers = await self.link.lookup_items([(e.file_object, i) for e, i in window])
+                held = sorted((len(a["peers"]), n, e, i, a) for n, ((e, i), a) in enumerate(zip(window, answers))
+                              if a is not None and a.get("id") and a.get("peers"))
+                if not held:
+                    if source_done.is_set() and slots.value == _PEER_FETCHES:
+                        return  # nothing held that we lack, nothing coming: the round is over
+                    await trio.sleep(self.PASS_PAUSE)
+                    continue
+                for _, _, entry, idx, a in held[:_RAREST_BATCH]:
+                    await slots.acquire()
+                    nursery.start_soon(one, entry, idx, a["id"], a["peers"])
+
+    async def _source_pass(self, snap: Snapshot, source: Source, done: trio.Event) -> None:
+        """This node's share of the source: ``_SOURCE_WORKERS`` streams of blocks the tracker grants it.
+
+        Each worker asks the tracker about a window of the missing blocks
+        (in this node's random order) and is granted at most a run's worth
+        of those nobody holds or is fetching; one lookup skips what others
+        hold or fetch. With the tracker away (and no holder heard of) it
+        fetches the window's first run from the source itself: bounded
+        concurrency, never the whole cluster's worth at once.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(_SOURCE_WORKERS):
+                    nursery.start_soon(self._source_worker, snap, source)
+        finally:
+            done.set()
+
+    async def _source_worker(self, snap: Snapshot, source: Source) -> None:
+        bs = self.config.block_size
+        order = [(e, i) for e in snap.files for i in range(block_count(e.size, bs))]
+        start = random.randrange(len(order)) if order else 0
+        order = order[start:] + order[:start]  # its own random start
+        pos = 0  # blocks before this one are held, claimed or fetched: done for this pass
+        while True:
+            window = []
+            for j in range(pos, len(order)):
+                e, i = order[j]
+                if self.cache.present_block(e.file_object, i) is not None or self.fetcher.in_flight(e, i):
+                    if not window:
+                        pos = j + 1
+                    continue
+                window.append((j, e, i))
+                if len(window) == _SOURCE_WINDOW:
+                    break
+            if not window:
+                return
+            answers = await self.link.lookup_items([(e.file_object, i) for _, e, i in window], claim=True,
+                                                   grants=_SOURCE_RUN_BLOCKS)
+            if all(a is None for a in answers):
+                granted = [(e, i) for _, e, i in window[:_SOURCE_RUN_BLOCKS]]  # no tracker: the source, a run at a time
+                pos = window[len(granted) - 1][0] + 1
+            else:
+                granted = [(e, i) for (_, e, i), a in zip(window, answers) if a is not None and a.get("source")]
+                # Move on past what is taken care of (held, claimed, granted now), up to the first
+                # block nobody has that was not granted this time: it is asked about again.
+                pos = window[-1][0] + 1
+                for (j, _, _), a in zip(window, answers):
+                    if a is None or not (a.get("peers") or a.get("wait_for") or a.get("source")):
+                        pos = j
+                        break
+            by_file: dict[str, tuple[FileEntry, list[int]]] = {}
+            for entry, idx in granted:
+                by_file.setdefault(entry.file_object, (entry, []))[1].append(idx)
+            for entry, idxs in by_file.values():
+                await self.fetcher.fetch_from_source(source, entry, idxs)
+
+    async def _pass(self, snap: Snapshot, source: Source) -> None:
+        work = self._missing_blocks(snap)
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.prefetch_concurrency):
+                    nursery.start_soon(self._prefetch_worker, source, work)
 
     def _make_current(self, ds: DatasetState, snap: Snapshot) -> None:
         """Show ``snap`` as the dataset; open files keep reading the snapshot they opened."""
@@ -428,8 +580,8 @@ class Agent:
             start = random.randrange(len(order))
             order = order[start:] + order[:start]
         for entry, idx in order:
-            if self.cache.present_block(entry.file_object, idx) is None and not self.fetcher.in_flight(entry, idx):
-                yield entry, idx
+            if self.cache.present_block(entry.file_object, idx) is None:
+                yield entry, idx  # possibly in flight: the worker decides
 
     async def _prefetch_worker(self, source: Source, work) -> None:
         while True:
@@ -437,10 +589,9 @@ class Agent:
                 item = next(work, None)
                 if item is None:
                     return
-                # With peers, small runs: each is a claim on the source that
-                # other nodes wait for, so it should finish in a second or two.
-                run = _PEER_RUN_BLOCKS if self.peer_server is not None else _PREFETCH_RUN_BLOCKS
-                await self.fetcher.prefetch_run(source, item[0], item[1], run)
+                if self.fetcher.in_flight(item[0], item[1]):
+                    continue
+                await self.fetcher.prefetch_run(source, item[0], item[1], _PREFETCH_RUN_BLOCKS)
 
     async def evict(self, name: str) -> int:
         """Unpin a dataset and drop its cached blocks that no other pinned dataset uses."""

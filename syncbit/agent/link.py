@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS_PER_HEARTBEAT = 50_000
+MAX_ANNOUNCE = 10_000  # stored blocks waiting to be announced (more are left to the heartbeat's bitmaps)
+ANNOUNCE_BATCH = 0.05  # seconds
 
 
 class ControlPlaneLink:
@@ -40,27 +42,60 @@ class ControlPlaneLink:
         self._sent_bitmaps: dict[str, bytes] = {}
         self._last_holders: dict[tuple[str, int], tuple[str, list[str]]] = {}  # for tracker outages
         self._http: httpx.AsyncClient | None = None
+        self._stored: list[tuple[str, int, str]] = []  # to announce to the tracker
+        self._stored_event = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.agent.cache.report_learned = True
-        async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(30.0, connect=5.0)) as http:
+        async with (httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(30.0, connect=5.0)) as http,
+                    trio.open_nursery() as nursery):
             self._http = http
+            if self.agent.peer_server is not None:
+                nursery.start_soon(self._announce)
             task_status.started()
-            failures = 0
-            while True:
-                try:
-                    await self.beat()
-                    if failures:
-                        log.info("control plane %s is back", self.url)
-                    failures = 0
-                except (httpx.HTTPError, OSError, ValueError) as e:
-                    failures += 1
-                    # One warning per outage; the rest at debug level.
-                    (log.warning if failures == 1 else log.debug)(
-                        "control plane %s unreachable (%s: %s); serving and prefetching what we have",
-                        self.url, type(e).__name__, e)
-                    self.connected = False
-                await trio.sleep(self.interval if not failures else min(30.0, self.interval * 2 ** min(failures, 3)))
+            await self._heartbeats()
+
+    def stored(self, fo: str, idx: int, block_id: str) -> None:
+        """The fetcher stored a block: announce it to the tracker soon (no await)."""
+        if len(self._stored) < MAX_ANNOUNCE:
+            self._stored.append((fo, idx, block_id))
+            self._stored_event.set()
+
+    async def _announce(self) -> None:
+        """Tell the tracker about stored blocks within a fraction of a second, between heartbeats.
+
+        Other nodes waiting for those blocks learn at once that this node
+        holds them. Lost announcements cost nothing lasting: the next
+        heartbeat's bitmaps carry the same facts.
+        """
+        while True:
+            await self._stored_event.wait()
+            self._stored_event = trio.Event()
+            await trio.sleep(ANNOUNCE_BATCH)  # a few blocks per request, not one each
+            blocks, self._stored = self._stored, []
+            try:
+                r = await self._http.post("/v1/peers/have", json={
+                    "node": self.agent.config.node_name, "blocks": [list(b) for b in blocks]})
+                r.raise_for_status()
+            except (httpx.HTTPError, OSError) as e:
+                log.debug("could not announce %d blocks to the tracker: %s", len(blocks), e)
+
+    async def _heartbeats(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self.beat()
+                if failures:
+                    log.info("control plane %s is back", self.url)
+                failures = 0
+            except (httpx.HTTPError, OSError, ValueError) as e:
+                failures += 1
+                # One warning per outage; the rest at debug level.
+                (log.warning if failures == 1 else log.debug)(
+                    "control plane %s unreachable (%s: %s); serving and prefetching what we have",
+                    self.url, type(e).__name__, e)
+                self.connected = False
+            await trio.sleep(self.interval if not failures else min(30.0, self.interval * 2 ** min(failures, 3)))
 
     async def beat(self) -> None:
         body, bitmaps, blocks = self.report()
@@ -132,23 +167,37 @@ class ControlPlaneLink:
             bits.append(acc)
         return bytes(bits)
 
-    async def lookup(self, fo: str, idxs: list[int]) -> dict[int, dict]:
-        """Tracker: {index: {"id", "peers", and "wait_for" or "source"}}; {} when it cannot be asked."""
-        if self._http is None or not idxs:
-            return {}
+    async def lookup(self, fo: str, idxs: list[int], wait: float = 0.0, claim: bool = True) -> dict[int, dict]:
+        """Tracker: {index: {"id", "peers", and "wait_for" or "source"}}; {} when it cannot be asked.
+
+        With ``wait``, the tracker holds the answer (up to that many seconds)
+        while every block is still being fetched by other nodes.
+        """
+        answers = await self.lookup_items([(fo, i) for i in idxs], wait=wait, claim=claim)
+        return {i: it for i, it in zip(idxs, answers) if it is not None}
+
+    async def lookup_items(self, items: list[tuple[str, int]], wait: float = 0.0, claim: bool = False,
+                           grants: int | None = None) -> list[dict | None]:
+        """The tracker's answer for each (file object, index), in order; None where there is none
+        (every one None: the tracker could not be asked and no holder was heard of)."""
+        if self._http is None or not items:
+            return [None] * len(items)
         try:
             r = await self._http.post("/v1/peers/lookup", json={
-                "node": self.agent.config.node_name, "items": [[fo, i] for i in idxs], "claim": True})
+                "node": self.agent.config.node_name, "items": [list(it) for it in items], "claim": claim,
+                "wait": wait, **({"grants": grants} if grants is not None else {})}, timeout=httpx.Timeout(30.0 + wait, connect=5.0))
             r.raise_for_status()
-            items = r.json()["items"]
+            answers = r.json()["items"]
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise ValueError("the tracker answered another number of items")
         except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
             # The tracker is away: use the peers it named last for these blocks.
             log.debug("tracker lookup failed (%s); using the peers last heard of", e)
-            return {i: {"id": h[0], "peers": h[1]} for i in idxs if (h := self._last_holders.get((fo, i)))}
-        answers = {i: it for i, it in zip(idxs, items) if isinstance(it, dict)}
-        for i, it in answers.items():
-            if it.get("id") and it.get("peers"):
-                self._last_holders[(fo, i)] = (it["id"], list(it["peers"]))
+            return [{"id": h[0], "peers": h[1]} if (h := self._last_holders.get(it)) else None for it in items]
+        answers = [it if isinstance(it, dict) else None for it in answers]
+        for key, it in zip(items, answers):
+            if it is not None and it.get("id") and it.get("peers"):
+                self._last_holders[key] = (it["id"], list(it["peers"]))
         if len(self._last_holders) > 200_000:  # bounded: forget the oldest half
             for key in list(self._last_holders)[:100_000]:
                 del self._last_holders[key]

@@ -69,6 +69,7 @@ class Fetcher:
         self.bytes_from_source = 0
         self.runs = 0
         self.peers = None  # a peer.swarm.Swarm when the agent has peers
+        self.on_stored = None  # called with (file object, index, block id) for every block stored
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Service: hosts the background runs that readers start."""
@@ -116,11 +117,47 @@ class Fetcher:
 
         The caller holds ``prefetch_limiter`` around choosing ``idx`` and this
         call, so that runs are claimed in order and stay long (trio schedules
-        tasks in random order).
+        tasks in random order). With peers, blocks that cannot be had now
+        (another node is fetching them) are left for a later pass.
         """
         claimed = self._claim(entry, idx, self._run_end(source, entry, idx, max_blocks))
         if claimed:
-            await self._fetch(source, entry, claimed)
+            await self._fetch(source, entry, claimed, prefetch=True)
+
+    async def fetch_from_source(self, source: Source, entry: FileEntry, idxs: list[int]) -> None:
+        """Fetch blocks ``idxs`` of ``entry`` from the source (prefetch of blocks the tracker granted us).
+
+        Blocks already cached or in flight are left alone; contiguous ones
+        come in one request.
+        """
+        claimed = [i for i in sorted(set(idxs)) if self._claim(entry, i, i + 1)]
+        try:
+            for segment in _contiguous(claimed):
+                await self._fetch_source(source, entry, segment)
+        except BaseException as e:
+            self._fail(entry, claimed, e)
+            raise
+
+    async def fetch_from_peers(self, entry: FileEntry, idx: int, block_id: str, addresses: list[str]) -> str:
+        """Fetch block ``idx`` from the holders the tracker named (prefetch).
+
+        Returns "done" (stored, or already cached or in flight: someone has it
+        in hand), "busy" (a holder had no free upload slot: try again later)
+        or "failed" (no holder gave it: dead, refusing or wrong).
+        """
+        if not self._claim(entry, idx, idx + 1):
+            return "done"
+        try:
+            data, busy = await self.peers.from_holders(entry, idx, block_id, addresses)
+            if data is None:
+                self._flights.pop((entry.file_object, idx)).event.set()  # released: a later pass, or a reader
+                return "busy" if busy else "failed"
+            await self._memory.acquire()
+            await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
+            return "done"
+        except BaseException as e:
+            self._fail(entry, [idx], e)
+            raise
 
     async def verify_file(self, entry: FileEntry) -> bool:
         """Check a complete file against the whole-file digest its source gave (single flight).
@@ -224,7 +261,7 @@ class Fetcher:
         except Exception:
             pass  # already logged and delivered to the waiters; the service goes on
 
-    async def _fetch(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
+    async def _fetch(self, source: Source, entry: FileEntry, claimed: list[int], prefetch: bool = False) -> None:
         """Fetch the contiguous blocks ``claimed`` (from peers, then the source) and settle their flights.
 
         A source stream is cut into blocks by ``_fetch_once``; each block is
@@ -233,6 +270,7 @@ class Fetcher:
         waiting to be stored across all runs.
         """
         self.runs += 1
+        released: set[int] = set()  # flights given up early: another run may own them now
         try:
             remaining = list(claimed)
             if self.peers is not None:
@@ -242,24 +280,43 @@ class Fetcher:
                     for segment in _contiguous(idxs):
                         await self._fetch_source(source, entry, segment)
 
-                for idx, data in sorted((await self.peers.fetch_blocks(entry, remaining, from_source)).items()):
+                async def from_peer(idx: int, data: bytes) -> None:
                     if (entry.file_object, idx) in self._flights:
                         await self._memory.acquire()
                         await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
-                remaining = [i for i in remaining if (entry.file_object, i) in self._flights]
+
+                def release(idxs: list[int]) -> None:
+                    for idx in idxs:
+                        if idx in released:
+                            continue
+                        released.add(idx)
+                        # Left for a later prefetch pass: released without an
+                        # error, so a reader waiting on it claims it again itself.
+                        flight = self._flights.pop((entry.file_object, idx), None)
+                        if flight is not None:
+                            flight.event.set()
+
+                _, deferred = await self.peers.fetch_blocks(entry, remaining, from_source, from_peer, release,
+                                                            prefetch=prefetch)
+                release(deferred)
+                remaining = [i for i in remaining if i not in released and (entry.file_object, i) in self._flights]
             for segment in _contiguous(remaining):
                 await self._fetch_source(source, entry, segment)
         except BaseException as e:
-            err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
-            if isinstance(e, Exception):
-                log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, claimed[0], claimed[-1], err)
-            for i in claimed:
-                flight = self._flights.pop((entry.file_object, i), None)
-                if flight is not None:
-                    # A cancelled run leaves no error: waiters simply claim again.
-                    flight.error = err if isinstance(e, Exception) else None
-                    flight.event.set()
+            self._fail(entry, [i for i in claimed if i not in released], e)
             raise
+
+    def _fail(self, entry: FileEntry, claimed: list[int], e: BaseException) -> None:
+        """Settle the flights of ``claimed`` blocks that did not arrive, with the error (none if cancelled)."""
+        err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
+        if isinstance(e, Exception) and claimed:
+            log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, claimed[0], claimed[-1], err)
+        for i in claimed:
+            flight = self._flights.pop((entry.file_object, i), None)
+            if flight is not None:
+                # A cancelled run leaves no error: waiters simply claim again.
+                flight.error = err if isinstance(e, Exception) else None
+                flight.event.set()
 
     async def _fetch_source(self, source: Source, entry: FileEntry, claimed: list[int]) -> None:
         """One source run for the contiguous blocks ``claimed`` (retried until the deadline)."""
@@ -323,7 +380,7 @@ class Fetcher:
                         started: float, origin: str = "source") -> None:
         expected = self.cache.known_blocks(entry.file_object).get(idx)
         try:
-            await self.cache.put(entry.file_object, idx, data, expected)
+            bid = await self.cache.put(entry.file_object, idx, data, expected)
         except BlockCorrupt as e:
             raise SourceChanged(f"{entry.locator} block {idx}: bytes differ from the ones recorded earlier ({e})") \
                 from None
@@ -331,6 +388,8 @@ class Fetcher:
             slots.release()
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
+        if self.on_stored is not None:
+            self.on_stored(entry.file_object, idx, bid)
         (_SOURCE_LATENCY if origin == "source" else _PEER_LATENCY).observe(trio.current_time() - started)
         if (entry.digest and self._nursery is not None
                 and len(self.cache.known_blocks(entry.file_object)) == block_count(entry.size, self.block_size)

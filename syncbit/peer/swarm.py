@@ -16,7 +16,7 @@ import trio
 from ..errors import BlockCorrupt
 from ..metrics import BYTES
 from ..model import FileEntry, block_span
-from .client import PeerClient
+from .client import PeerBusy, PeerClient
 
 if TYPE_CHECKING:
     from ..agent.link import ControlPlaneLink
@@ -35,57 +35,102 @@ class Swarm:
     # How long to wait, with no block arriving, for blocks another node is
     # fetching from the source before fetching them too.
     WAIT_FOR_CLAIM = 20.0
-    POLL = 0.5
+    LONG_POLL = 2.0  # a lookup waits up to this long for a claimed block to be announced
+    BUSY_RETRY = 0.2  # every holder of a block was busy (429): ask again after this long
 
-    async def fetch_blocks(self, entry: FileEntry, idxs: list[int], fetch_source) -> dict[int, bytes]:
-        """Whatever of blocks ``idxs`` of ``entry`` peers can give, verified, by index.
+    async def fetch_blocks(self, entry: FileEntry, idxs: list[int], fetch_source, deliver, release=None, *,
+                           prefetch: bool = False) -> tuple[set[int], list[int]]:
+        """Get what of blocks ``idxs`` of ``entry`` peers can give; returns (those, the deferred ones).
+
+        Each block from a peer, verified, goes to ``deliver(idx, data)`` as it
+        arrives (which stores it: a run's blocks are never all held in memory).
 
         Blocks the tracker grants us (nobody holds them, nobody is fetching
-        them) go to ``fetch_source(idxs)`` at once, beside the rest. Blocks
-        another node is fetching are asked for again until that node has them;
-        we give up on them (and the caller goes to the source) only after
-        ``WAIT_FOR_CLAIM`` seconds without any of them arriving. The source
-        thus sends each block about once, whatever the number of nodes.
+        them) go to ``fetch_source(idxs)`` at once, beside the rest.
+
+        For a read (``prefetch`` false) blocks another node is fetching are
+        asked for again, long-polling the tracker until that node announces
+        it has them, and blocks whose holders are all busy shortly after (the
+        holders grow as nodes announce what they store); we give up waiting
+        (and the caller goes to the source) only after ``WAIT_FOR_CLAIM``
+        seconds without any block arriving.
+
+        For background prefetch there is one round and no waiting: blocks
+        another node is fetching go to ``release(idxs)`` at once (nobody
+        waits for this run to finish for them), blocks whose holders were all
+        busy are returned as deferred; both are left for a later pass. The
+        source thus sends each block about once, whatever the number of nodes.
         """
-        got: dict[int, bytes] = {}
+        got: set[int] = set()
         pending = list(idxs)
+        wait = 0.0
         async with trio.open_nursery() as sources:
             give_up = trio.current_time() + self.WAIT_FOR_CLAIM
             while pending and trio.current_time() < give_up:
-                answers = await self.link.lookup(entry.file_object, pending)
+                answers = await self.link.lookup(entry.file_object, pending, wait=wait)
+                if not answers:
+                    break  # no tracker and no holders heard of: the caller goes to the source
                 mine = [i for i in pending if answers.get(i, {}).get("source")]
                 if mine:
                     sources.start_soon(fetch_source, mine)
+                if prefetch and release is not None:
+                    out_of_reach = [i for i in pending if i not in mine and not (
+                        answers.get(i, {}).get("id") and answers.get(i, {}).get("peers"))]
+                    release(out_of_reach)
+                    pending = [i for i in pending if i not in out_of_reach]
                 before = len(got)
-                await self._fetch_from(entry, answers, got)
+                busy = await self._fetch_from(entry, answers, got, deliver)
+                if prefetch:  # what failed otherwise (dead, refusing, corrupt holders) goes to the source
+                    return got, [i for i in pending if i not in got and i in busy]
                 if len(got) > before:
                     give_up = trio.current_time() + self.WAIT_FOR_CLAIM  # progress: keep waiting
-                pending = [i for i in pending if i not in got and answers.get(i, {}).get("wait_for")]
-                if pending:
-                    await trio.sleep(self.POLL)
-        return got
+                pending = [i for i in pending if i not in got and (answers.get(i, {}).get("wait_for") or i in busy)]
+                if any(i in busy for i in pending):
+                    await trio.sleep(self.BUSY_RETRY)
+                    wait = 0.0
+                else:
+                    wait = self.LONG_POLL
+        return got, []
 
-    async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: dict[int, bytes]) -> None:
-        holders = {i: (a.get("id"), a.get("peers") or []) for i, a in answers.items()}
-        if not holders:
-            return
+    async def from_holders(self, entry: FileEntry, idx: int, block_id: str,
+                           addresses: list[str]) -> tuple[bytes | None, bool]:
+        """Block ``idx`` from the first holder that gives it, verified; (None, busy) when none did.
+
+        ``busy`` is true when some holder refused only because its upload
+        slots were full: the block is there, just not now.
+        """
+        size = block_span(entry.size, self.block_size, idx)[1]
+        refused = False
+        async with self.limiter:
+            for address in addresses:
+                if not self.client.usable(address):
+                    continue
+                try:
+                    data = await self.client.fetch(address, block_id, size)
+                except BlockCorrupt:
+                    continue  # banned by the client; the next holder, or the source
+                except PeerBusy:
+                    refused = True
+                    continue
+                if data is not None:
+                    _FROM_PEERS.inc(len(data))
+                    return data, False
+        return None, refused
+
+    async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: set[int], deliver) -> set[int]:
+        """Fetch the blocks that have holders (adding them to ``got``); returns those every holder refused as busy."""
+        busy: set[int] = set()
 
         async def one(idx: int, block_id: str, addresses: list[str]) -> None:
-            size = block_span(entry.size, self.block_size, idx)[1]
-            async with self.limiter:
-                for address in addresses:
-                    if not self.client.usable(address):
-                        continue
-                    try:
-                        data = await self.client.fetch(address, block_id, size)
-                    except BlockCorrupt:
-                        continue  # banned by the client; the next holder, or the source
-                    if data is not None:
-                        got[idx] = data
-                        _FROM_PEERS.inc(len(data))
-                        return
+            data, refused = await self.from_holders(entry, idx, block_id, addresses)
+            if data is not None:
+                got.add(idx)
+                await deliver(idx, data)  # outside the limiter: storing waits for memory, not for peers
+            elif refused:
+                busy.add(idx)  # held, and someone will have a free slot: not a job for the source
 
         async with trio.open_nursery() as nursery:
-            for idx, (block_id, addresses) in holders.items():
-                if block_id and addresses and idx not in got:
-                    nursery.start_soon(one, idx, block_id, addresses)
+            for idx, a in answers.items():
+                if a.get("id") and a.get("peers") and idx not in got:
+                    nursery.start_soon(one, idx, a["id"], a["peers"])
+        return busy

@@ -192,8 +192,19 @@ def build_app(cp: ControlPlane) -> Starlette:
 
     async def lookup(request: Request):
         body = await _json(request)
-        return JSONResponse({"items": cp.lookup(check_name(_str(body, "node"), "node"), body.get("items"),
-                                                claim=body.get("claim") is True)})
+        wait = body.get("wait", 0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 60:
+            raise ConfigError("'wait' must be a number of seconds (at most 60)")
+        grants = body.get("grants")
+        if grants is not None and (not isinstance(grants, int) or isinstance(grants, bool) or grants < 0):
+            raise ConfigError("'grants' must be a non-negative integer")
+        return JSONResponse({"items": await cp.lookup_wait(check_name(_str(body, "node"), "node"), body.get("items"),
+                                                           claim=body.get("claim") is True, wait=wait,
+                                                           grants=grants)})
+
+    async def have(request: Request):
+        body = await _json(request)
+        return JSONResponse({"refused_blocks": cp.have(_str(body, "node"), body.get("blocks"))})
 
     async def prometheus(request: Request):
         return Response(metrics.render(cp), media_type="text/plain; version=0.0.4")
@@ -213,6 +224,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         Route("/v1/snapshots/{id}", endpoint(snapshot)),
         Route("/v1/manifest", endpoint(manifest), methods=["POST"]),
         Route("/v1/peers/lookup", endpoint(lookup), methods=["POST"]),
+        Route("/v1/peers/have", endpoint(have), methods=["POST"]),
         Route("/metrics", prometheus),
     ]
     return Starlette(routes=routes)

@@ -39,6 +39,7 @@ class Server:
                 log.info("control plane listening on %s (state in %s)", self.config.listen, self.config.db)
                 task_status.started()
         finally:
+            self.cp.flush()
             self.store.close()
             log.info("control plane stopped")
 
