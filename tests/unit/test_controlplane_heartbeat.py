@@ -160,3 +160,24 @@ async def test_long_polled_lookup_returns_when_the_claimed_block_is_announced(pl
     start = trio.current_time()
     items = await plane.lookup_wait("n1", [[fo, 1]], claim=True, wait=3.0)
     assert items[0]["wait_for"] == "n2" and trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_grants_bound_the_source_claims_of_one_lookup(tmp_path):
+    # Three 1-block files: the lookup grants the first two in the asker's order, leaves the third unclaimed.
+    src = tmp_path / "src3"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_bytes(name.encode() * 1000)
+    store = Store(tmp_path / "s3.db")
+    cp = ControlPlane(store)
+    await cp.add_dataset("three", src.as_uri())
+    peer_beat(cp, "n1", "10.0.0.1:7071")
+    peer_beat(cp, "n2", "10.0.0.2:7071")
+    fos = [f.file_object for f in store.snapshot(store.dataset("three")["snapshot"]).files]
+    items = cp.lookup("n1", [[fo, 0] for fo in reversed(fos)], claim=True, grants=2)
+    assert [("source" in it, "wait_for" in it) for it in items] == [(True, False), (True, False), (False, False)]
+    # The ungranted one is free for the next asker; the granted ones are n1's.
+    items = cp.lookup("n2", [[fo, 0] for fo in fos], claim=True, grants=5)
+    assert [it.get("source", False) for it in items] == [True, False, False]
+    assert [it.get("wait_for") for it in items] == [None, "n1", "n1"]
+    store.close()
