@@ -7,9 +7,10 @@ import time
 
 import click
 
-from ..config import load_server_config
-from ..errors import ConfigError, DatasetFailed, WaitTimeout
+from ..config import load_server_config, socket_path_for_cli
+from ..errors import AgentNotRunning, ConfigError, DatasetFailed, DatasetNotFound, WaitTimeout
 from ..units import format_size
+from .client import AgentClient
 from .server_client import ServerClient
 
 
@@ -171,10 +172,25 @@ def cluster_status(server_url: str, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--node", help="Wait for this node only (default: every node NAME is placed on).")
 @click.option("--timeout", type=float, default=0, help="Give up after this many seconds (0: wait forever).")
-@server_option
-def wait(name, node, timeout, server_url):
-    """Exit 0 once NAME is ready (on NODE, or everywhere it is placed); non-zero with the reason if not."""
+@click.option("--server", "server_url", envvar="SYNCBIT_SERVER",
+              help="Ask this control plane (or SYNCBIT_SERVER); without one, this node's agent.")
+@click.option("--local", is_flag=True, help="Ask this node's agent, even when SYNCBIT_SERVER is set.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="SYNCBIT_CONFIG",
+              help="Agent config, for its socket (--local).")
+def wait(name, node, timeout, server_url, local, config_path):
+    """Exit 0 once NAME is ready (on NODE, or everywhere it is placed); non-zero with the reason if not.
+
+    Made for initContainers, sidecar startup probes and scripts. With
+    --local (or no control plane given) it asks this node's agent over its
+    socket and waits through an agent that is not running yet or has not
+    been assigned NAME yet.
+    """
     deadline = time.monotonic() + timeout if timeout else None
+    if local or not server_url:
+        if node:
+            raise ConfigError("--node needs the control plane (--server or SYNCBIT_SERVER), not the local agent")
+        _wait_local(name, timeout, deadline, socket_path_for_cli(config_path))
+        return
     with ServerClient(server_url) as c:
         while True:
             left = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
@@ -187,6 +203,26 @@ def wait(name, node, timeout, server_url):
                 raise DatasetFailed(f"dataset {name} failed: {r['reason']}")
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(f"dataset {name} not ready after {timeout:g}s: {r['reason']}")
+
+
+def _wait_local(name: str, timeout: float, deadline: float | None, socket_path: str) -> None:
+    while True:
+        left = 30.0 if deadline is None else max(0.0, min(30.0, deadline - time.monotonic()))
+        try:
+            with AgentClient(socket_path) as c:
+                d = c.dataset(name, wait=max(left, 0.01))  # long-polled by the agent
+            if d["state"] == "ready":
+                click.echo(f"{name}: ready on this node ({d['path']})")
+                return
+            if d["state"] == "failed":
+                raise DatasetFailed(f"dataset {name} failed on this node: {d['error']}")
+            reason = f"{d['state']}, {format_size(d['bytes_cached'])} of {format_size(d['bytes_total'])}"
+        except (AgentNotRunning, DatasetNotFound) as e:
+            # The agent may start after this pod, or hear of the assignment later: keep waiting.
+            reason = str(e)
+            time.sleep(max(0.0, min(1.0, left)))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(f"dataset {name} not ready on this node after {timeout:g}s: {reason}")
 
 
 def register(group: click.Group) -> None:

@@ -340,3 +340,49 @@ def test_switch_now_makes_a_new_snapshot_current_before_it_is_complete(tmp_path,
         assert f.read(10) == b"2" * 10
     origin.rate = None
     cli(server, "wait", "d", "--timeout", "60")
+
+
+def test_wait_on_the_local_agent_as_an_init_container_would(tmp_path, origin_factory, server_factory, agent_factory):
+    """`syncbit wait NAME --local` against the node's agent socket: it waits through an agent that is
+    not running yet and a dataset not assigned yet, exits 0 when ready, 18 on timeout, 15 on failure."""
+    files = dataset_files(4)
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    server = server_factory()
+    agent = agent_factory("n0", start=False, node_name="n0", server=server.url, heartbeat_interval="0.5s",
+                          block_size=BS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCBIT_")}
+    env["SYNCBIT_SOCKET"] = str(agent.sock)  # what a pod gets through the hostPath of the socket directory
+
+    def local_wait(*args):
+        return subprocess.Popen([sys.executable, "-m", "syncbit", "wait", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # Nothing is running yet: a short wait times out and says why.
+    r = local_wait("llama", "--timeout", "1")
+    out, err = r.communicate(timeout=30)
+    assert r.returncode == 18 and "no agent is listening" in err, (r.returncode, err)
+    # The pod's init container starts first; the agent comes up, then the assignment, then the data.
+    waiter = local_wait("llama", "--timeout", "90")
+    time.sleep(1.5)
+    assert waiter.poll() is None
+    agent.start()
+    time.sleep(1.5)
+    assert waiter.poll() is None  # running agent, no such dataset yet: still waiting
+    cli(server, "dataset", "add", "llama", origin.url)
+    cli(server, "assign", "llama", "--nodes", "n0")
+    out, err = waiter.communicate(timeout=90)
+    assert waiter.returncode == 0, err
+    assert "llama: ready on this node" in out
+    assert (agent.mnt / "llama" / "weights.bin").read_bytes() == files["weights.bin"]
+    # --local wins over SYNCBIT_SERVER; --node needs the control plane.
+    r = subprocess.run([sys.executable, "-m", "syncbit", "wait", "llama", "--local", "--node", "n0"],
+                       env={**env, "SYNCBIT_SERVER": server.url}, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "--node needs the control plane" in r.stderr
+    # A dataset that fails on this node: the wait fails at once with the reason.
+    (tmp_path / "src" / "other.bin").write_bytes(random.Random(9).randbytes(BS))
+    cli(server, "dataset", "add", "broken", origin.url + "other.bin")
+    (tmp_path / "src" / "other.bin").write_bytes(b"changed under the pinned snapshot")
+    cli(server, "assign", "broken", "--nodes", "n0")
+    r = local_wait("broken", "--timeout", "60")
+    out, err = r.communicate(timeout=90)
+    assert r.returncode == 15 and "failed on this node" in err, (r.returncode, err)
