@@ -376,7 +376,7 @@ class Agent:
         if self.peer_server is None:
             await self._pass(snap, source)
             return
-        stalled_since = None
+        stalled_since, pause = None, self.PASS_PAUSE
         while missing := self.missing_bytes(snap):
             with collapse_groups():
                 async with trio.open_nursery() as nursery:
@@ -386,7 +386,7 @@ class Agent:
             if not (now_missing := self.missing_bytes(snap)):
                 return
             if now_missing < missing:
-                stalled_since = None
+                stalled_since, pause = None, self.PASS_PAUSE
             elif stalled_since is None:
                 stalled_since = trio.current_time()
             elif trio.current_time() - stalled_since > self.PASS_STALL:
@@ -396,7 +396,8 @@ class Agent:
                 log.warning("snapshot %s: no block arrived for %.0fs of prefetch passes; giving up for now "
                             "(the tracker says of the first missing ones: %s)", snap.revision, self.PASS_STALL, said)
                 return
-            await trio.sleep(self.PASS_PAUSE)
+            await trio.sleep(pause)
+            pause = min(5.0, pause * 2)  # rounds that bring nothing: ask the tracker less and less often
 
     async def _from_peers(self, snap: Snapshot, source: Source, source_done: trio.Event) -> None:
         """Keep ``_PEER_FETCHES`` blocks coming from peers, rarest first, until the source pass is done
@@ -478,23 +479,33 @@ class Agent:
                 return
             answers = await self.link.lookup_items([(e.file_object, i) for _, e, i in window], claim=True,
                                                    grants=_SOURCE_RUN_BLOCKS)
-            if all(a is None for a in answers):
-                granted = [(e, i) for _, e, i in window[:_SOURCE_RUN_BLOCKS]]  # no tracker: the source, a run at a time
-                pos = window[len(granted) - 1][0] + 1
+            if all(a is None or a.get("stale") for a in answers):
+                # No tracker: the source, a run at a time, for blocks no peer was last heard to hold.
+                granted = [(j, e, i) for (j, e, i), a in zip(window, answers) if a is None][:_SOURCE_RUN_BLOCKS]
             else:
-                granted = [(e, i) for (_, e, i), a in zip(window, answers) if a is not None and a.get("source")]
-                # Move on past what is taken care of (held, claimed, granted now), up to the first
-                # block nobody has that was not granted this time: it is asked about again.
-                pos = window[-1][0] + 1
-                for (j, _, _), a in zip(window, answers):
-                    if a is None or not (a.get("peers") or a.get("wait_for") or a.get("source")):
-                        pos = j
-                        break
+                # Granted to us, or held by peers whose id the tracker does not know (no way to
+                # verify a peer's copy): both come from the source.
+                granted = [(j, e, i) for (j, e, i), a in zip(window, answers)
+                           if a is not None and (a.get("source") or (a.get("peers") and not a.get("id")))]
+                granted = granted[:_SOURCE_RUN_BLOCKS]
+            # Move on past what is taken care of (held, being fetched, taken now), up to the first
+            # block that is not: it is asked about again.
+            taken = {j for j, _, _ in granted}
+            moved_to = window[-1][0] + 1
+            for (j, _, _), a in zip(window, answers):
+                if j not in taken and (a is None or a.get("stale") or not (
+                        (a.get("peers") and a.get("id")) or a.get("wait_for"))):
+                    moved_to = j
+                    break
+            if not granted and moved_to == pos:
+                await trio.sleep(self.PASS_PAUSE)  # nothing to take and nothing moved: do not spin
+            pos = moved_to
             by_file: dict[str, tuple[FileEntry, list[int]]] = {}
-            for entry, idx in granted:
+            for _, entry, idx in granted:
                 by_file.setdefault(entry.file_object, (entry, []))[1].append(idx)
             for entry, idxs in by_file.values():
-                await self.fetcher.fetch_from_source(source, entry, idxs)
+                async with self._source_limiter:
+                    await self.fetcher.fetch_from_source(source, entry, idxs)
 
     async def _pass(self, snap: Snapshot, source: Source) -> None:
         work = self._missing_blocks(snap)

@@ -40,6 +40,7 @@ class ControlPlaneLink:
         self.connected = False
         self.last_ok: float | None = None
         self._sent_bitmaps: dict[str, bytes] = {}
+        self._epoch: str | None = None  # the control plane's, from heartbeat answers
         self._last_holders: dict[tuple[str, int], tuple[str, list[str]]] = {}  # for tracker outages
         self._http: httpx.AsyncClient | None = None
         self._stored: list[tuple[str, int, str]] = []  # to announce to the tracker
@@ -103,6 +104,13 @@ class ControlPlaneLink:
         if r.status_code >= 400:
             raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
         answer = r.json()
+        if answer.get("epoch") != self._epoch:
+            # A control plane that (re)started: it may have lost the last bitmaps it
+            # acknowledged (written behind), so the next beat sends them all again.
+            if self._epoch is not None:
+                self._sent_bitmaps.clear()
+                bitmaps = {}
+            self._epoch = answer.get("epoch")
         self.connected = True
         self.last_ok = trio.current_time()
         self._sent_bitmaps.update(bitmaps)
@@ -178,8 +186,11 @@ class ControlPlaneLink:
 
     async def lookup_items(self, items: list[tuple[str, int]], wait: float = 0.0, claim: bool = False,
                            grants: int | None = None) -> list[dict | None]:
-        """The tracker's answer for each (file object, index), in order; None where there is none
-        (every one None: the tracker could not be asked and no holder was heard of)."""
+        """The tracker's answer for each (file object, index), in order.
+
+        When the tracker cannot be asked: the holders it named last
+        (``"stale": true``), None where there were none.
+        """
         if self._http is None or not items:
             return [None] * len(items)
         try:
@@ -190,10 +201,11 @@ class ControlPlaneLink:
             answers = r.json()["items"]
             if not isinstance(answers, list) or len(answers) != len(items):
                 raise ValueError("the tracker answered another number of items")
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
-            # The tracker is away: use the peers it named last for these blocks.
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
+            # The tracker is away: use the peers it named last for these blocks ("stale").
             log.debug("tracker lookup failed (%s); using the peers last heard of", e)
-            return [{"id": h[0], "peers": h[1]} if (h := self._last_holders.get(it)) else None for it in items]
+            return [{"id": h[0], "peers": h[1], "stale": True} if (h := self._last_holders.get(it)) else None
+                    for it in items]
         answers = [it if isinstance(it, dict) else None for it in answers]
         for key, it in zip(items, answers):
             if it is not None and it.get("id") and it.get("peers"):

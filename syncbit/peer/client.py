@@ -71,9 +71,14 @@ class PeerClient:
         limit = max(5.0, size / MIN_RATE)  # slower than MIN_RATE: given up on for this block
         await self.rate.take(size)  # booked up front: the limit holds on average over blocks
         try:
-            status, data, got = await trio.to_thread.run_sync(
-                self._get, f"http://{address}{path}", headers, size, limit, abandon_on_cancel=True,
-                limiter=self._threads)
+            with trio.fail_after(limit + 1.0):  # a peer trickling bytes: its reads never time out
+                status, data, got = await trio.to_thread.run_sync(
+                    self._get, f"http://{address}{path}", headers, size, limit, abandon_on_cancel=True,
+                    limiter=self._threads)
+        except trio.TooSlowError:
+            PEER_ERRORS.labels(reason="slow").inc()
+            log.debug("peer %s too slow for block %s", address, block_id)
+            return None
         except (urllib3.exceptions.HTTPError, OSError) as e:
             reason = "slow" if isinstance(e, _TooSlow | urllib3.exceptions.TimeoutError) else "unreachable"
             PEER_ERRORS.labels(reason=reason).inc()

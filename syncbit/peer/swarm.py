@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import BlockCorrupt
+from ..errors import BlockCorrupt, collapse_groups
 from ..metrics import BYTES
 from ..model import FileEntry, block_span
 from .client import PeerBusy, PeerClient
@@ -26,10 +26,11 @@ _FROM_PEERS = BYTES.labels(origin="peer")
 
 
 class Swarm:
-    def __init__(self, client: PeerClient, link: ControlPlaneLink, block_size: int, concurrency: int = 8) -> None:
+    def __init__(self, client: PeerClient, link: ControlPlaneLink, block_size: int, concurrency: int = 12) -> None:
         self.client = client
         self.link = link
         self.block_size = block_size
+        # Above the prefetch's peer stream (8): reads always find a free one.
         self.limiter = trio.CapacityLimiter(concurrency)
 
     # How long to wait, with no block arriving, for blocks another node is
@@ -63,6 +64,10 @@ class Swarm:
         """
         got: set[int] = set()
         pending = list(idxs)
+        with collapse_groups():
+            return await self._rounds(entry, pending, got, fetch_source, deliver, release, prefetch)
+
+    async def _rounds(self, entry, pending, got, fetch_source, deliver, release, prefetch):
         wait = 0.0
         async with trio.open_nursery() as sources:
             give_up = trio.current_time() + self.WAIT_FOR_CLAIM
@@ -74,12 +79,12 @@ class Swarm:
                 if mine:
                     sources.start_soon(fetch_source, mine)
                 if prefetch and release is not None:
-                    out_of_reach = [i for i in pending if i not in mine and not (
-                        answers.get(i, {}).get("id") and answers.get(i, {}).get("peers"))]
+                    out_of_reach = [i for i in pending if answers.get(i, {}).get("wait_for")]
                     release(out_of_reach)
                     pending = [i for i in pending if i not in out_of_reach]
                 before = len(got)
-                busy = await self._fetch_from(entry, answers, got, deliver)
+                with collapse_groups():
+                    busy = await self._fetch_from(entry, answers, got, deliver)
                 if prefetch:  # what failed otherwise (dead, refusing, corrupt holders) goes to the source
                     return got, [i for i in pending if i not in got and i in busy]
                 if len(got) > before:

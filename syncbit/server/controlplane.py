@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -74,6 +75,10 @@ class ControlPlane:
         self.bitmaps: dict[str, dict[str, bytes]] = {}  # snapshot -> node -> held-block bitmap
         self.claims: dict[tuple[str, int], tuple[str, float]] = {}  # block -> (node fetching it from the source, until)
         self._announced = trio.Event()  # fires on every have(): wakes long-polled lookups
+        self._announced_by: dict[str, dict[tuple[str, int], float]] = {}  # node -> block -> when announced
+        # Agents resend every bitmap when this changes (a restarted server may have lost
+        # the last second of them: they are written behind).
+        self.epoch = os.urandom(8).hex()
         self._positions: dict[int, dict[str, list[tuple[str, int]]]] = {}  # block size -> fo -> [(snapshot, bit)]
         for snap_id in store.snapshot_ids():
             for node, bitmap in store.holdings(snap_id).items():
@@ -267,34 +272,48 @@ class ControlPlane:
         self.live[name] = Liveness(time.monotonic(), True)
         # One commit for the whole beat: a node back after a server restart
         # reports every dataset at once, and a commit each was most of its cost.
-        with transaction(self.store.db.conn):
-            if row is None or row["labels"] != labels or _free_changed(row["free"], free) or not row["up"]:
-                if row is not None and (row["labels"] != labels or _free_changed(row["free"], free)):
-                    reschedule = True
-                self.store.put_node(name, labels, capacity, free, True, now)
-                self._node_rows[name] = {"labels": labels, "free": free, "up": True}
-            notify = False
-            for ds_name, report in reports:
-                last = self._reports.get((name, ds_name))
-                if last == report:
-                    continue  # nothing new: no database round trip
-                self._reports[(name, ds_name)] = report
-                if last is not None and last[:3] == report[:3]:
-                    # Progress only (same snapshot, state and error): written by the next flush().
-                    self._progress[(name, ds_name)] = report
-                    notify = True
-                    continue
-                self._progress.pop((name, ds_name), None)
-                if self.store.report(name, ds_name, *report):
-                    notify = True
-                    log.info("node %s: dataset %s is %s%s", name, ds_name, report[1],
-                             f" ({report[2]})" if report[2] else "")
-                elif report[1] == "syncing":
-                    notify = True  # progress for waiters and status
-            refused = self._blocks(name, blocks)
+        try:
+            with transaction(self.store.db.conn):
+                if row is None or row["labels"] != labels or _free_changed(row["free"], free) or not row["up"]:
+                    if row is not None and (row["labels"] != labels or _free_changed(row["free"], free)):
+                        reschedule = True
+                    self.store.put_node(name, labels, capacity, free, True, now)
+                    self._node_rows[name] = {"labels": labels, "free": free, "up": True}
+                notify = False
+                for ds_name, report in reports:
+                    last = self._reports.get((name, ds_name))
+                    if last == report:
+                        continue  # nothing new: no database round trip
+                    self._reports[(name, ds_name)] = report
+                    if last is not None and last[:3] == report[:3]:
+                        # Progress only (same snapshot, state and error): written by the next flush().
+                        self._progress[(name, ds_name)] = report
+                        notify = True
+                        continue
+                    self._progress.pop((name, ds_name), None)
+                    if self.store.report(name, ds_name, *report):
+                        notify = True
+                        log.info("node %s: dataset %s is %s%s", name, ds_name, report[1],
+                                 f" ({report[2]})" if report[2] else "")
+                    elif report[1] == "syncing":
+                        notify = True  # progress for waiters and status
+                refused = self._blocks(name, blocks)
+        except BaseException:
+            # Rolled back: the in-memory copies must not claim it was written.
+            self._node_rows.pop(name, None)
+            for ds_name, _ in reports:
+                self._reports.pop((name, ds_name), None)
+            raise
         for snap_id, bitmap in decoded.items():
             self.bitmaps.setdefault(snap_id, {})[name] = bitmap
             self._dirty_holdings[(name, snap_id)] = bitmap
+        if decoded and self._announced_by.get(name):
+            # The agent built these bitmaps before it sent the beat: blocks it announced
+            # meanwhile may be missing from them. Announcements stay valid for ANNOUNCED_FOR.
+            now = time.monotonic()
+            recent = {k: t for k, t in self._announced_by[name].items() if now - t < self.ANNOUNCED_FOR}
+            self._announced_by[name] = recent
+            self._set_bits(name, list(recent), only=set(decoded))
         self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": uploads,
                                 "zone": labels.get(self.topology_label)}
         if reschedule:
@@ -306,7 +325,7 @@ class ControlPlane:
             # waking the waiters must not invalidate every node's cached answer.
             self._wake()
         return {"desired": self.desired(name), "refused_blocks": refused,
-                "heartbeat_interval": self.heartbeat_interval}
+                "heartbeat_interval": self.heartbeat_interval, "epoch": self.epoch}
 
     def flush(self) -> None:
         """Write progress and held-block bitmaps that heartbeats left in memory, in one transaction.
@@ -323,11 +342,17 @@ class ControlPlane:
         per_node: dict[str, dict[str, bytes]] = {}
         for (node, snap_id), bitmap in holdings.items():
             per_node.setdefault(node, {})[snap_id] = bitmap
-        with transaction(self.store.db.conn):
-            for (node, ds_name), report in progress.items():
-                self.store.report(node, ds_name, *report)
-            for node, bitmaps in per_node.items():
-                self.store.put_holdings(node, bitmaps)
+        try:
+            with transaction(self.store.db.conn):
+                for (node, ds_name), report in progress.items():
+                    self.store.report(node, ds_name, *report)
+                for node, bitmaps in per_node.items():
+                    self.store.put_holdings(node, bitmaps)
+        except BaseException:
+            # Kept for the next flush (newer entries win), not lost.
+            self._progress = {**progress, **self._progress}
+            self._dirty_holdings = {**holdings, **self._dirty_holdings}
+            raise
 
     def _node_row(self, name: str) -> dict | None:
         """The node's stored labels, free space and up flag (kept in memory: read by every heartbeat)."""
@@ -425,6 +450,7 @@ class ControlPlane:
         return out
 
     MAX_WAIT = 5.0
+    ANNOUNCED_FOR = 10.0  # seconds an announcement outlives a heartbeat's older bitmap
 
     async def lookup_wait(self, asker: str, items: list, claim: bool = False, wait: float = 0.0,
                           grants: int | None = None) -> list[dict]:
@@ -451,13 +477,28 @@ class ControlPlane:
         blocks = _parse_blocks(reports)
         with transaction(self.store.db.conn):
             refused = self._blocks(node, blocks)
+        if node not in self.node_meta:
+            return refused  # no heartbeat since this server started: block size and address unknown yet
         bad = {(fo, idx) for fo, idx, _ in refused}
-        positions = self._fo_positions(self.node_meta.get(node, {}).get("block_size", 4 * 2**20))
+        recent = self._announced_by.setdefault(node, {})
+        now = time.monotonic()
         for fo, idx, _ in blocks:
             if (fo, idx) in bad:
                 continue
             self.claims.pop((fo, idx), None)
+            recent[(fo, idx)] = now
+        self._set_bits(node, [(fo, idx) for fo, idx, _ in blocks if (fo, idx) not in bad])
+        self._announced.set()
+        self._announced = trio.Event()
+        return refused
+
+    def _set_bits(self, node: str, blocks: list[tuple[str, int]], only: set[str] | None = None) -> None:
+        """Mark ``node`` as holding ``blocks`` in the bitmaps of every snapshot (or those in ``only``)."""
+        positions = self._fo_positions(self.node_meta[node]["block_size"])
+        for fo, idx in blocks:
             for snap_id, first_bit in positions.get(fo, ()):
+                if only is not None and snap_id not in only:
+                    continue
                 per_node = self.bitmaps.setdefault(snap_id, {})
                 bitmap = per_node.get(node, b"")
                 if not isinstance(bitmap, bytearray):  # the heartbeat's bytes: copied once, then set in place
@@ -466,9 +507,6 @@ class ControlPlane:
                 if len(bitmap) <= bit // 8:
                     bitmap.extend(bytes(bit // 8 + 1 - len(bitmap)))
                 bitmap[bit // 8] |= 0x80 >> (bit % 8)
-        self._announced.set()
-        self._announced = trio.Event()
-        return refused
 
     def _fo_positions(self, block_size: int) -> dict[str, list[tuple[str, int]]]:
         """file object -> [(snapshot, bit of its block 0 in that snapshot's bitmaps)], per block size."""

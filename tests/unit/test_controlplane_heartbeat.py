@@ -181,3 +181,43 @@ async def test_grants_bound_the_source_claims_of_one_lookup(tmp_path):
     assert [it.get("source", False) for it in items] == [True, False, False]
     assert [it.get("wait_for") for it in items] == [None, "n1", "n1"]
     store.close()
+
+
+async def test_an_older_heartbeat_bitmap_does_not_erase_a_newer_announcement(plane):
+    peer_beat(plane, "n1", "10.0.0.1:7071")
+    peer_beat(plane, "n2", "10.0.0.2:7071")
+    fo = first_block(plane)
+    plane.have("n2", [[fo, 0, "ab" * 32]])
+    # n2's next beat carries a bitmap it built before it stored block 0 (all zero).
+    snap = plane.store.dataset("ds")["snapshot"]
+    plane.heartbeat("n2", {"labels": {"role": "gpu"}, "free": 10**9, "peer_address": "10.0.0.2:7071",
+                           "holdings": {snap: encode_bitmap(b"\x00")}})
+    assert plane.lookup("n1", [[fo, 0]])[0]["peers"] == ["10.0.0.2:7071"]
+
+
+async def test_an_announcement_before_the_first_heartbeat_records_ids_but_names_no_holder(plane):
+    fo = first_block(plane)
+    assert plane.have("n9", [[fo, 0, "ab" * 32]]) == []  # a node this server has not heard from
+    peer_beat(plane, "n1", "10.0.0.1:7071")
+    assert plane.lookup("n1", [[fo, 0]])[0] == {"id": "ab" * 32, "peers": []}
+
+
+async def test_a_failed_flush_keeps_what_it_could_not_write(plane, monkeypatch):
+    snap = plane.store.dataset("ds")["snapshot"]
+    beat(plane, "n1", "syncing", 1_000, holdings=b"\x80")
+
+    def full_disk(*a, **k):
+        raise OSError("database or disk is full")
+
+    monkeypatch.setattr(plane.store, "put_holdings", full_disk)
+    with pytest.raises(OSError):
+        plane.flush()
+    monkeypatch.undo()
+    plane.flush()
+    assert plane.store.holdings(snap) == {"n1": b"\x80"}
+
+
+async def test_heartbeat_answers_carry_the_servers_epoch(plane, tmp_path):
+    answer = beat(plane, "n1", "syncing", 1_000)
+    assert answer["epoch"] == plane.epoch
+    assert ControlPlane(plane.store).epoch != plane.epoch  # a restarted server: agents resend every bitmap
