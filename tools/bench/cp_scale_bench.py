@@ -115,6 +115,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Generic helpers shared with the other benchmarks live in read_bench (as for s3_bench).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from read_bench import log, proc_status_kb  # noqa: E402
+
 PY = sys.executable
 BLOCK = 4 * 2**20
 FILES_PER_DATASET = 20
@@ -122,10 +126,6 @@ TARGET_P99 = 0.100
 TARGET_KEEPUP = 0.99
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SELECTOR = ("bench", "scale")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- /proc helpers ------------------------------------------------------------------------
@@ -136,17 +136,6 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
-
-
-def proc_status_kb(pid: int, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def proc_runq_wait(pid: int) -> float:

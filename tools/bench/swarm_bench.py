@@ -90,6 +90,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+# Generic helpers shared with the other benchmarks live in read_bench (as for s3_bench).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from read_bench import drop_caches, log, median, mount_fstype, wait_for  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -106,10 +110,6 @@ TRACKER_PORT = 6969
 BT_PORT = 6881
 DATA_NAME = "data.bin"
 DATASET = "d"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -153,12 +153,6 @@ def sh(*argv: str, check: bool = True, timeout: float | None = 120) -> subproces
     return r
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
 def read_through(path: Path) -> None:
     buf = bytearray(1 << 20)
     with open(path, "rb", buffering=0) as fh:
@@ -174,27 +168,6 @@ def file_digest(path: Path) -> str:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def mount_fstype(path: str | Path) -> str | None:
-    target = os.path.abspath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and fields[4].replace("\\040", " ") == target:
-                found = right.split()[0]
-    return found
-
-
-def wait_for(pred, timeout: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(poll)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -585,14 +558,6 @@ class Agent:
 
 
 # -- results -----------------------------------------------------------------------------
-
-
-def median(xs: list[float]) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
