@@ -232,6 +232,63 @@ def socket_path_for_cli(config_path: str | None, env: Mapping[str, str] | None =
 
 
 @dataclass(frozen=True)
+class KubernetesConfig:
+    """``kubernetes:`` in the server config: node labels, taints, the pod webhook (docs/kubernetes.md)."""
+
+    enabled: bool = False
+    # Empty: the in-cluster service account, then $KUBECONFIG / ~/.kube/config.
+    kubeconfig: str = ""
+    # The agents' mount on the host, given to pods as a hostPath.
+    mount_root: str = "/datasets"
+    webhook_listen: str = "0.0.0.0:8443"
+    # The MutatingWebhookConfiguration whose caBundle the server sets to its own CA.
+    webhook_name: str = "syncbit"
+    webhook_dns_names: tuple[str, ...] = ("syncbit-server.syncbit.svc",)
+    # A certificate mounted from a Secret instead of a generated one (then nothing is patched).
+    webhook_cert_file: str = ""
+    webhook_key_file: str = ""
+
+
+_KUBE_FIELDS = {f.name for f in dataclasses.fields(KubernetesConfig)}
+
+
+def _kubernetes_config(value: Any, env: Mapping[str, str]) -> KubernetesConfig:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("kubernetes: expected a mapping (enabled, kubeconfig, webhook_listen, ...)")
+    unknown = {str(k) for k in value} - _KUBE_FIELDS
+    if unknown:
+        raise ConfigError(f"kubernetes: unknown keys: {', '.join(sorted(unknown))}")
+    values = dict(value)
+    for key in _KUBE_FIELDS:
+        env_value = env.get(f"SYNCBIT_KUBERNETES_{key.upper()}")
+        if env_value is not None:
+            values[key] = env_value
+    out: dict[str, Any] = {}
+    for key, v in values.items():
+        if key == "enabled":
+            if isinstance(v, str):
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"kubernetes.enabled: expected true or false, got {v!r}")
+                v = v.lower() in ("true", "1", "yes")
+            out[key] = bool(v)
+        elif key == "webhook_dns_names":
+            names = v.split(",") if isinstance(v, str) else v
+            if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError("kubernetes.webhook_dns_names: expected a list of DNS names")
+            out[key] = tuple(n.strip() for n in names)
+        elif key == "webhook_listen":
+            out[key] = check_listen(str(v), "kubernetes.webhook_listen")
+        else:
+            out[key] = "" if v is None else str(v)
+    cfg = KubernetesConfig(**out)
+    if bool(cfg.webhook_cert_file) != bool(cfg.webhook_key_file):
+        raise ConfigError("kubernetes: webhook_cert_file and webhook_key_file go together")
+    return cfg
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The control plane's configuration (``syncbit server --config``)."""
 
@@ -243,6 +300,7 @@ class ServerConfig:
     heartbeat_interval: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
 _SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
@@ -256,7 +314,7 @@ def load_server_config(
 ) -> ServerConfig:
     env = os.environ if env is None else env
     values: dict[str, Any] = _read_yaml(path, _SERVER_FIELDS) if path is not None else {}
-    for key in _SERVER_FIELDS:
+    for key in _SERVER_FIELDS - {"kubernetes"}:
         env_value = env.get(f"SYNCBIT_{key.upper()}")
         if env_value is not None:
             values[key] = env_value
@@ -265,4 +323,5 @@ def load_server_config(
             raise ConfigError(f"unknown setting {key}")
         if value is not None:
             values[key] = value
-    return ServerConfig(**{k: _convert(k, v) for k, v in values.items()})
+    kube = _kubernetes_config(values.pop("kubernetes", None), env)
+    return ServerConfig(**{k: _convert(k, v) for k, v in values.items()}, kubernetes=kube)

@@ -533,6 +533,10 @@ class Agent:
     async def apply_desired(self, desired: list[dict], link) -> None:
         """Make the assigned datasets match what the control plane wants on this node."""
         wanted = {d["dataset"]: d for d in desired if isinstance(d, dict) and "dataset" in d}
+        # Unassigned, but a running pod here uses it (Kubernetes): keep what is pinned, fetch nothing.
+        kept = {name for name, d in wanted.items() if d.get("keep")}
+        wanted = {name: d for name, d in wanted.items() if name not in kept}
+        open_files = self.fs.open_file_count()
         for name, d in wanted.items():
             ds = self.datasets.get(name)
             target = d["snapshot"]
@@ -550,6 +554,15 @@ class Agent:
                 log.error("assigned dataset %s: %s", name, e)
         for ds in list(self.datasets.values()):
             if ds.managed and ds.name not in wanted and ds.pinned:
+                if ds.name in kept or open_files.get(ds.name):
+                    # Still in use: unpinned at the first heartbeat after the last user is gone.
+                    if not ds.held:
+                        ds.held = True
+                        log.info("dataset %s is no longer assigned to this node; kept pinned while in use "
+                                 "(%s)", ds.name, f"{open_files[ds.name]} open files" if open_files.get(ds.name)
+                                 else "a running pod uses it")
+                    continue
+                ds.held = False
                 # Unassigned: keep serving it, but eviction may now reclaim it.
                 if ds.prefetch_scope is not None:
                     ds.prefetch_scope.cancel()
@@ -651,6 +664,7 @@ class Agent:
             "bytes_total": total,
             "bytes_cached": cached,
             "pinned": ds.pinned,
+            "held": ds.held,
             "state": ds.state,
             "error": ds.error,
             "path": os.path.join(self.config.mountpoint, ds.name),

@@ -108,14 +108,31 @@ def metrics_endpoint(agent: Agent):
     return metrics
 
 
+def health_endpoints(agent: Agent):
+    """``/healthz``: the agent's loop answers. ``/readyz``: and its FUSE mount is in the mount table."""
+    async def healthz(request: Request):
+        return Response("ok\n", media_type="text/plain")
+
+    async def readyz(request: Request):
+        from .mountpoint import mount_entry
+
+        # In a thread: resolving the mountpoint's path is a FUSE request to this very loop.
+        entry = await trio.to_thread.run_sync(mount_entry, agent.config.mountpoint)
+        if entry is None or entry[1] != "fuse.syncbit":
+            return Response(f"not mounted at {agent.config.mountpoint}\n", status_code=503, media_type="text/plain")
+        return Response("ok\n", media_type="text/plain")
+    return [Route("/healthz", healthz), Route("/readyz", readyz)]
+
+
 async def serve_metrics(agent: Agent, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """``/metrics`` alone over TCP for Prometheus; the local API stays on its private socket."""
+    """``/metrics`` and the health probes over TCP (Prometheus, kubelet); the API stays on its socket."""
     cfg = HypercornConfig()
     cfg.bind = [listen]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("syncbit.agent.metrics.server")
     cfg.graceful_timeout = 1.0
-    await serve(Starlette(routes=[Route("/metrics", metrics_endpoint(agent))]), cfg, task_status=task_status)
+    app = Starlette(routes=[Route("/metrics", metrics_endpoint(agent)), *health_endpoints(agent)])
+    await serve(app, cfg, task_status=task_status)
 
 
 async def serve_api(agent: Agent, socket_path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

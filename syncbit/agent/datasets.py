@@ -21,6 +21,7 @@ class DatasetState:
     staged: Snapshot | None = None  # being prefetched; becomes current when complete
     switch: str = "complete"  # or "immediate": a new snapshot becomes current at once
     pinned: bool = False
+    held: bool = False  # unassigned but kept pinned while in use (open files, a pod on this node)
     state: str = PENDING
     error: str | None = None
     prefetch_scope: trio.CancelScope | None = field(default=None, repr=False)

@@ -141,8 +141,13 @@ class ControlPlaneLink:
             if target is None:
                 continue
             total = target.total_size
+            cached = agent.cached_bytes(target)
             datasets[ds.name] = {"snapshot": target.id, "state": agent.reported_state(ds), "error": ds.error,
-                                 "bytes_cached": agent.cached_bytes(target), "bytes_total": total}
+                                 "bytes_cached": cached, "bytes_total": total,
+                                 # The snapshot the mount shows is all here (Kubernetes node labels).
+                                 "complete": ds.snapshot is not None and (
+                                     cached if target is ds.snapshot else agent.cached_bytes(ds.snapshot)
+                                 ) == ds.snapshot.total_size}
             for snap in {s.id: s for s in (ds.snapshot, ds.staged) if s is not None}.values():
                 bits = self.bitmap(snap)
                 if self._sent_bitmaps.get(snap.id) != bits:

@@ -98,13 +98,15 @@ def dataset_update(name, revision, server_url):
 @click.option("--replicas", type=int, help="With --selector: how many nodes (default: every matching node).")
 @click.option("--spread-by", help="With --replicas: a label whose values are failure domains (zone, rack).")
 @click.option("--switch-now", is_flag=True, help="New snapshots become current at once, not when complete.")
+@click.option("--taint-until-ready", is_flag=True,
+              help="Kubernetes: taint the nodes syncbit.io/syncing:NoSchedule until the dataset is complete there.")
 @server_option
-def assign(name, nodes, selector, replicas, spread_by, switch_now, server_url):
+def assign(name, nodes, selector, replicas, spread_by, switch_now, taint_until_ready, server_url):
     """Put dataset NAME on nodes by name, or by label selector with replicas and spread."""
     if (nodes is None) == (selector is None):
         raise ConfigError("assign takes exactly one of --nodes and --selector")
     body = {"nodes": nodes, "selector": selector, "replicas": replicas, "spread_by": spread_by,
-            "switch": "immediate" if switch_now else "complete"}
+            "switch": "immediate" if switch_now else "complete", "taint_until_ready": taint_until_ready}
     with ServerClient(server_url) as c:
         d = c.call("PUT", f"/v1/datasets/{name}/assignment", json=body)
     placed = ", ".join(sorted(d["nodes"])) or "no node yet"

@@ -47,19 +47,20 @@ def _status_of(e: SyncbitError) -> int:
     return 502  # the source failed: not the client's fault, not ours either
 
 
-def _error(e: SyncbitError) -> JSONResponse:
+def error_response(e: SyncbitError) -> JSONResponse:
     return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=_status_of(e))
 
 
-async def _json(request: Request) -> dict:
+async def read_json(request: Request, limit: int = MAX_BODY) -> dict:
+    """The request's JSON object, read with a size limit (BodyTooLarge, ConfigError)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge(f"request body over {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
     try:
         value = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -103,8 +104,11 @@ def assignment_from(name: str, body: dict) -> tuple[Assignment, str]:
     if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
         raise ConfigError("'replicas' must be an integer")
     spread_by = _str(body, "spread_by", required=False)
+    taint = body.get("taint_until_ready", False)
+    if not isinstance(taint, bool):
+        raise ConfigError("'taint_until_ready' must be true or false")
     switch = body.get("switch", "complete")
-    return Assignment(name, nodes, selector, replicas, spread_by), switch
+    return Assignment(name, nodes, selector, replicas, spread_by, taint), switch
 
 
 def build_app(cp: ControlPlane) -> Starlette:
@@ -113,7 +117,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             try:
                 return await fn(request)
             except SyncbitError as e:
-                return _error(e)
+                return error_response(e)
             except ClientDisconnect:  # the caller went away mid-request (an agent stopping): nobody to answer
                 return Response(status_code=499)
         return wrapped
@@ -126,7 +130,7 @@ def build_app(cp: ControlPlane) -> Starlette:
 
     async def heartbeat(request: Request):
         started = time.perf_counter()
-        body = await _json(request)
+        body = await read_json(request)
         answer = cp.heartbeat(request.path_params["name"], body)
         metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)
         return JSONResponse(answer)
@@ -135,7 +139,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         return JSONResponse({"datasets": [cp.dataset_view(d["name"]) for d in cp.store.datasets()]})
 
     async def add_dataset(request: Request):
-        body = await _json(request)
+        body = await read_json(request)
         return JSONResponse(await cp.add_dataset(check_name(_str(body, "name")), _str(body, "uri"), _options(body)),
                             status_code=201)
 
@@ -147,13 +151,13 @@ def build_app(cp: ControlPlane) -> Starlette:
         return JSONResponse({"deleted": request.path_params["name"]})
 
     async def update_dataset(request: Request):
-        body = await _json(request)
+        body = await read_json(request)
         return JSONResponse(await cp.update_dataset(request.path_params["name"],
                                                     _str(body, "revision", required=False)))
 
     async def put_assignment(request: Request):
         name = request.path_params["name"]
-        a, switch = assignment_from(name, await _json(request))
+        a, switch = assignment_from(name, await read_json(request))
         return JSONResponse(cp.assign(name, a, switch))
 
     async def delete_assignment(request: Request):
@@ -183,7 +187,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         return Response(text, media_type="application/json")
 
     async def manifest(request: Request):
-        body = await _json(request)
+        body = await read_json(request)
         fos = body.get("file_objects")
         if not isinstance(fos, list) or not all(isinstance(f, str) for f in fos) or len(fos) > 100_000:
             raise ConfigError("'file_objects' must be a list of file-object ids")
@@ -191,7 +195,7 @@ def build_app(cp: ControlPlane) -> Starlette:
                                         for fo, m in cp.store.manifest(fos).items()}})
 
     async def lookup(request: Request):
-        body = await _json(request)
+        body = await read_json(request)
         wait = body.get("wait", 0)
         if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 60:
             raise ConfigError("'wait' must be a number of seconds (at most 60)")
@@ -203,7 +207,7 @@ def build_app(cp: ControlPlane) -> Starlette:
                                                            grants=grants)})
 
     async def have(request: Request):
-        body = await _json(request)
+        body = await read_json(request)
         return JSONResponse({"refused_blocks": cp.have(_str(body, "node"), body.get("blocks"))})
 
     async def prometheus(request: Request):

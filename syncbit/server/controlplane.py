@@ -30,7 +30,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "syncing", "ready", "failed")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A dataset name is also the name part of its Kubernetes node label
+# (dataset.syncbit.io/<name>): at most 63 characters, alphanumeric at both ends.
+_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 MAX_BLOCK_REPORTS = 100_000  # per heartbeat
 
@@ -43,6 +45,9 @@ class Liveness:
 
 def check_name(name: object, what: str = "dataset") -> str:
     if not isinstance(name, str) or not (_NAME if what == "dataset" else _NODE).match(name):
+        if what == "dataset":
+            raise ConfigError(f"invalid dataset name {name!r}: use at most 63 letters, digits, '.', '_' and '-', "
+                              "starting and ending with a letter or digit (it is also a Kubernetes label name)")
         raise ConfigError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit")
     return name
@@ -80,6 +85,11 @@ class ControlPlane:
         # the last second of them: they are written behind).
         self.epoch = os.urandom(8).hex()
         self._positions: dict[int, dict[str, list[tuple[str, int]]]] = {}  # block size -> fo -> [(snapshot, bit)]
+        # Kubernetes (k8s/controller.py): what it reads and what it feeds back.
+        self.complete: dict[tuple[str, str], bool] = {}  # (node, dataset) -> served snapshot fully cached
+        self.heard: set[str] = set()  # nodes that sent a heartbeat since this process started
+        self.node_labels: dict[str, dict[str, str]] = {}  # node -> labels of its Kubernetes Node object
+        self.in_use: dict[str, frozenset[str]] = {}  # node -> datasets that running pods there use
         for snap_id in store.snapshot_ids():
             for node, bitmap in store.holdings(snap_id).items():
                 self.bitmaps.setdefault(snap_id, {})[node] = bitmap
@@ -172,7 +182,7 @@ class ControlPlane:
         if switch not in ("complete", "immediate"):
             raise ConfigError(f"switch must be 'complete' or 'immediate', got {switch!r}")
         spec = {"nodes": list(a.nodes) if a.nodes else None, "selector": dict(a.selector) if a.selector else None,
-                "replicas": a.replicas, "spread_by": a.spread_by}
+                "replicas": a.replicas, "spread_by": a.spread_by, "taint_until_ready": a.taint_until_ready}
         self.store.put_assignment(dataset, spec, switch)
         self.reschedule()
         return self.dataset_view(dataset)
@@ -197,7 +207,8 @@ class ControlPlane:
             spec = row["spec"]
             try:
                 a = Assignment(row["dataset"], tuple(spec["nodes"]) if spec.get("nodes") else None,
-                               spec.get("selector"), spec.get("replicas"), spec.get("spread_by"))
+                               spec.get("selector"), spec.get("replicas"), spec.get("spread_by"),
+                               bool(spec.get("taint_until_ready")))
             except ConfigError as e:  # a row written by an older version: report it, schedule the rest
                 log.error("dataset %s: unusable assignment %s: %s", row["dataset"], spec, e)
                 continue
@@ -221,8 +232,53 @@ class ControlPlane:
         held: dict[str, dict[str, int]] = {}
         for p in self.store.placements():
             held.setdefault(p["node"], {})[p["dataset"]] = p["bytes_cached"]
-        return [NodeView(n["name"], n["labels"], self._is_up(n["name"]), n["free"], held.get(n["name"], {}))
+        return [NodeView(n["name"], self.labels_of(n["name"], n["labels"]), self._is_up(n["name"]), n["free"],
+                         held.get(n["name"], {}))
                 for n in self.store.nodes()]
+
+    def labels_of(self, node: str, reported: Mapping[str, str]) -> dict[str, str]:
+        """The agent's labels, then its Kubernetes Node's (which win: they are what pods select on)."""
+        return {**reported, **self.node_labels.get(node, {})}
+
+    def set_node_labels(self, node: str, labels: Mapping[str, str] | None) -> None:
+        """Labels of the Kubernetes Node ``node`` (None: the Node is gone); reschedules when they change."""
+        labels = dict(labels) if labels is not None else {}
+        if self.node_labels.get(node, {}) == labels:
+            return
+        if labels:
+            self.node_labels[node] = labels
+        else:
+            self.node_labels.pop(node, None)
+        self.reschedule_pending = True
+
+    def set_in_use(self, in_use: Mapping[str, frozenset[str]]) -> None:
+        """Datasets that running pods use, per node: they stay pinned there even when unassigned."""
+        in_use = {n: frozenset(d) for n, d in in_use.items() if d}
+        if in_use != self.in_use:
+            self.in_use = in_use
+            self._notify()
+
+    def node_datasets(self) -> dict[str, dict]:
+        """Per node: the datasets complete there (``ready``), those it still syncs for an assignment
+        that taints until ready (``tainting``), whether the node is up and heard since this start.
+        """
+        self.flush()
+        tainting = {a["dataset"] for a in self.store.assignments() if a["spec"].get("taint_until_ready")}
+        out: dict[str, dict] = {}
+        for n in self.store.nodes():
+            out[n["name"]] = {"ready": set(), "tainting": set(), "up": self._is_up(n["name"]),
+                              "heard": n["name"] in self.heard}
+        for p in self.store.placements():
+            view = out.get(p["node"])
+            if view is None:
+                continue
+            # "ready" or the served snapshot complete: a node staging a new snapshot, or an
+            # agent restarting and re-checking its cache, still has the whole dataset.
+            if view["up"] and (p["state"] == "ready" or self.complete.get((p["node"], p["dataset"]))):
+                view["ready"].add(p["dataset"])
+            elif p["dataset"] in tainting:
+                view["tainting"].add(p["dataset"])
+        return out
 
     def _is_up(self, name: str) -> bool:
         live = self.live.get(name)
@@ -250,6 +306,7 @@ class ControlPlane:
             reports.append((str(ds_name), (str(rep.get("snapshot")), rep["state"],
                                            rep.get("error") if isinstance(rep.get("error"), str) else None,
                                            _int(rep, "bytes_cached"), _int(rep, "bytes_total"))))
+        complete = {str(ds_name): rep.get("complete") is True for ds_name, rep in datasets.items()}
         blocks = _parse_blocks(body.get("blocks", []))
         holdings = body.get("holdings", {})
         if not isinstance(holdings, Mapping):
@@ -314,6 +371,11 @@ class ControlPlane:
             recent = {k: t for k, t in self._announced_by[name].items() if now - t < self.ANNOUNCED_FOR}
             self._announced_by[name] = recent
             self._set_bits(name, list(recent), only=set(decoded))
+        self.heard.add(name)
+        for ds_name, done in complete.items():
+            if self.complete.get((name, ds_name)) != done:
+                self.complete[(name, ds_name)] = done
+                notify = True
         self.node_meta[name] = {"peer_address": address, "block_size": block_size, "uploads": uploads,
                                 "zone": labels.get(self.topology_label)}
         if reschedule:
@@ -543,6 +605,9 @@ class ControlPlane:
                 continue
             out.append({"dataset": p["dataset"], "uri": ds["uri"], "options": ds["options"],
                         "snapshot": p["snapshot"], "switch": switches.get(p["dataset"], "complete")})
+        placed = {d["dataset"] for d in out}
+        # Unassigned but used by a running pod here: the agent keeps what it has pinned.
+        out.extend({"dataset": name, "keep": True} for name in sorted(self.in_use.get(node, frozenset()) - placed))
         return out
 
     def check_liveness(self, lag: float = 0.0) -> None:
@@ -575,7 +640,7 @@ class ControlPlane:
         per_node: dict[str, dict] = {}
         for p in self.store.placements():
             per_node.setdefault(p["node"], {})[p["dataset"]] = p["state"]
-        return [{"name": n["name"], "labels": n["labels"], "up": self._is_up(n["name"]),
+        return [{"name": n["name"], "labels": self.labels_of(n["name"], n["labels"]), "up": self._is_up(n["name"]),
                  "capacity": n["capacity"], "free": n["free"], "last_seen": n["last_seen"],
                  "datasets": per_node.get(n["name"], {})} for n in self.store.nodes()]
 

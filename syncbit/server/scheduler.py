@@ -36,6 +36,8 @@ class Assignment:
     selector: Mapping[str, str] | None = None  # label selector (all must match)
     replicas: int | None = None  # None: every eligible node
     spread_by: str | None = None  # a label whose values are failure domains
+    # Kubernetes: nodes carry the syncbit.io/syncing:NoSchedule taint until the dataset is complete.
+    taint_until_ready: bool = False
 
     def __post_init__(self) -> None:
         if (self.nodes is None) == (self.selector is None):

@@ -92,9 +92,21 @@ def test_selector_replicas_spread_restarts_and_unassign(tmp_path, origin_factory
     cli(server, "wait", "llama", "--node", one.config["node_name"], "--timeout", "30")
     assert origin.bytes_sent == sent
 
-    # Unassigned: nodes unpin it; the data stays readable (eviction may take it).
-    cli(server, "unassign", "llama")
-    wait_until(lambda: all(not agents[n].dataset("llama")["pinned"] for n in nodes), what="unpinned")
+    # Unassigned: nodes unpin it; the data stays readable (eviction may take it). A node where a
+    # program holds a file open keeps it pinned until the file is closed.
+    other = agents[sorted(nodes)[1]]
+    held = open(one.mnt / "llama" / "weights.bin", "rb")
+    try:
+        cli(server, "unassign", "llama")
+        wait_until(lambda: not other.dataset("llama")["pinned"], what="unpinned")
+        ds = one.dataset("llama")
+        assert ds["pinned"] and ds["held"] and ds["open_files"] == 1, ds
+        assert "kept pinned while in use (1 open files)" in one.log()
+        assert held.read(100) == files["weights.bin"][:100]
+    finally:
+        held.close()
+    wait_until(lambda: not one.dataset("llama")["pinned"], what="unpinned after the last file closed")
+    assert not one.dataset("llama")["held"]
     assert (one.mnt / "llama" / "config.json").read_bytes() == files["config.json"]
 
 
@@ -315,8 +327,17 @@ def test_agent_metrics_over_tcp_and_the_local_socket(tmp_path, origin_factory, a
     assert values["syncbit_agent_block_fetch_seconds_count{origin=\"source\"}"] == 6
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.sock))) as c:
         assert "syncbit_agent_cache_bytes" in c.get("http://agent/metrics").text
-    # Only /metrics on the TCP port: the API that registers datasets stays on the private socket.
+    # Only /metrics and the probes on the TCP port: the API that registers datasets stays on the socket.
     assert httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=10).status_code == 404
+    # The kubelet's probes: alive, and ready because the mount is in the mount table.
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text == "ok\n"
+    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert r.status_code == 200, r.text
+    # The mount gone from under the agent (lazy unmount): not ready, while still alive.
+    subprocess.run(["umount", "-l", str(agent.mnt)], check=True)
+    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    assert r.status_code == 503 and "not mounted" in r.text
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
 
 
 def test_switch_now_makes_a_new_snapshot_current_before_it_is_complete(tmp_path, origin_factory, server_factory,
