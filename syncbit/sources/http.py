@@ -154,6 +154,8 @@ class HttpSource(Source):
         # Every request runs here, so urllib3's errors are translated once, here.
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except urllib3.exceptions.LocationValueError as e:  # a URL no retry can fix
+            raise SourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
         except urllib3.exceptions.HTTPError as e:
             raise TemporarySourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
 
@@ -163,12 +165,14 @@ class HttpSource(Source):
         return await retry_within(_RESOLVE_DEADLINE, self.is_temporary, self._resolve_once, what=f"listing {self.uri}")
 
     async def _resolve_once(self) -> Snapshot:
-        if self.uri.endswith("/"):
-            urls = await self._walk_index(self.uri)
-            root = self.uri
+        if self.uri.endswith("/") or not urlsplit(self.uri).path:
+            # A server's root is a directory (its index page), with or without the slash.
+            root = self.uri if self.uri.endswith("/") else self.uri + "/"
+            urls = await self._walk_index(root)
         else:
             head = await self._head(self.uri)
-            final = head.geturl() or self.uri
+            # After redirects urllib3 may give only the path: resolve it against the request.
+            final = urljoin(self.uri, head.geturl() or self.uri)
             if final.endswith("/") and head.headers.get("content-type", "").startswith("text/html"):
                 # /dir redirected to /dir/: a directory after all.
                 urls = await self._walk_index(final)

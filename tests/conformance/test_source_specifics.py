@@ -122,3 +122,20 @@ async def test_hf_history_rewritten_under_the_snapshot(hub):
 
 async def _discard(b):
     pass
+
+
+async def test_http_server_root_without_a_trailing_slash_is_its_index(tmp_path):
+    """``http://host:port`` (no path) once failed every retry with urllib3's "No host specified"."""
+    from syncbit.demo.origin import OriginServer
+
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_bytes(b"de")
+    origin = OriginServer(tmp_path).start()
+    try:
+        src = await open_source(origin.url.rstrip("/"))
+        snap = await src.resolve()
+        assert sorted(f.path for f in snap.files) == ["a.txt", "d/b.txt"]
+        await src.aclose()
+    finally:
+        origin.stop()
