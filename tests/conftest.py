@@ -16,6 +16,7 @@ import yaml
 
 from syncbit.demo.origin import OriginServer
 from tests.servers.hub import HubServer
+from tests.servers.kube import kube_emulator, kube_emulator_server  # noqa: F401  (fixtures)
 from tests.servers.proxy import FaultProxy
 from tests.servers.s3 import S3Server
 

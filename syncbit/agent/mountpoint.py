@@ -26,8 +26,8 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_entry(mountpoint: str) -> tuple[str, str] | None:
-    """(major:minor, fstype) of the mount at ``mountpoint``, if any, from mountinfo."""
+def mount_entry(mountpoint: str) -> tuple[str, str, str] | None:
+    """(major:minor, fstype, root within its filesystem) of the top mount at ``mountpoint``, from mountinfo."""
     target = os.path.realpath(mountpoint) if os.path.exists(mountpoint) else os.path.abspath(mountpoint)
     found = None
     try:
@@ -36,7 +36,7 @@ def mount_entry(mountpoint: str) -> tuple[str, str] | None:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 if len(fields) >= 5 and _unescape(fields[4]) in (target, os.path.abspath(mountpoint)):
-                    found = (fields[2], right.split()[0])  # the last one is on top
+                    found = (fields[2], right.split()[0], _unescape(fields[3]))  # the last one is on top
     except OSError:
         return None
     return found
@@ -56,6 +56,10 @@ def cleanup_stale_mount(mountpoint: str) -> bool:
     if entry is None and not is_stale(mountpoint):
         return False
     if entry is not None and not entry[1].startswith("fuse"):
+        if entry[2] != "/":
+            # A bind mount of a directory: what a Kubernetes hostPath volume (the
+            # DaemonSet's /datasets, Bidirectional) is inside the agent's container.
+            return False
         raise MountError(f"{mountpoint} is already a {entry[1]} mount; refusing to mount over it")
     log.warning("cleaning up a stale mount at %s left by an earlier agent", mountpoint)
     for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):

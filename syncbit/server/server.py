@@ -34,6 +34,8 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve, build_app(self.cp), cfg)
+                if self.config.kubernetes.enabled:
+                    await self._kubernetes(nursery)
                 nursery.start_soon(self._liveness)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 log.info("control plane listening on %s (state in %s)", self.config.listen, self.config.db)
@@ -42,6 +44,51 @@ class Server:
             self.cp.flush()
             self.store.close()
             log.info("control plane stopped")
+
+    async def _kubernetes(self, nursery: trio.Nursery) -> None:
+        """The admission webhook (HTTPS) and the controller (docs/kubernetes.md)."""
+        from pathlib import Path
+
+        from ..k8s import webhook
+        from ..k8s.certs import webhook_certificate
+        from ..k8s.client import KubeClient, KubeError
+        from ..k8s.controller import KubeController
+
+        kcfg = self.config.kubernetes
+        ca = None
+        if kcfg.webhook_cert_file:
+            cert_file, key_file = kcfg.webhook_cert_file, kcfg.webhook_key_file
+        else:
+            cert_file, key_file, ca = await trio.to_thread.run_sync(
+                webhook_certificate, Path(self.config.db).resolve().parent / "webhook", kcfg.webhook_dns_names)
+        hcfg = HypercornConfig()
+        hcfg.bind = [kcfg.webhook_listen]
+        hcfg.certfile, hcfg.keyfile = str(cert_file), str(key_file)
+        hcfg.accesslog = None
+        hcfg.errorlog = logging.getLogger("syncbit.k8s.webhook.http")
+        hcfg.graceful_timeout = 1.0
+        await nursery.start(serve, webhook.app(kcfg.mount_root), hcfg)
+        log.info("kubernetes: webhook on https://%s%s", kcfg.webhook_listen, webhook.PATH)
+
+        async def controller() -> None:
+            # The API server may be unreachable for a while (a control plane upgrade, a
+            # network hiccup): agents keep being served meanwhile; the controller starts later.
+            delay = 1.0
+            while True:
+                try:
+                    client = await KubeClient.connect(kcfg.kubeconfig or None)
+                    break
+                except KubeError as e:
+                    log.warning("kubernetes: %s (retrying in %.0fs)", e, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            try:
+                await KubeController(self.cp, kcfg, client, webhook_ca=ca).run()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+        nursery.start_soon(controller)
 
     async def _liveness(self) -> None:
         period = min(1.0, self.config.node_down_after / 4)
@@ -58,3 +105,4 @@ class Server:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 scope.cancel()
                 return
+

@@ -40,6 +40,11 @@ class FaultProxy(TrackedHTTPServer):
         with self._lock:
             self._fail.extend([status] * n)
 
+    def clear_faults(self) -> None:
+        """Forward everything again (drops failures queued by ``fail_next``)."""
+        with self._lock:
+            self._fail.clear()
+
     def cut_next_body(self, after: int) -> None:
         """Close the connection of the next GET after ``after`` body bytes (a dropped transfer)."""
         with self._lock:

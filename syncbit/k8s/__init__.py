@@ -1,0 +1,1 @@
+"""Kubernetes integration: node labels and taints, the pod admission webhook, the controller (docs/kubernetes.md)."""
