@@ -55,6 +55,7 @@ class KubeController:
         self._kick = trio.Event()
         self._said: dict[tuple[str, str], str] = {}  # pod -> the last event message it got
         self.reconciles = 0
+        self._reasons: dict[tuple[str, str | None], str] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -72,6 +73,8 @@ class KubeController:
             if event == "SYNC":
                 self._replace(kind, obj)
                 self.synced[kind] = True
+                if kind == "nodes":
+                    self.cp.hold_placements(False)  # the Node labels are known now
             elif event == "DELETED":
                 self._forget(kind, obj)
             else:
@@ -85,6 +88,8 @@ class KubeController:
                 self._forget(kind, self.nodes[gone])
         else:
             self.pods.clear()
+            keys = {pod_rules.key(o) for o in objs}
+            self._said = {k: v for k, v in self._said.items() if k in keys}
         for o in objs:
             self._store(kind, o)
 
@@ -123,13 +128,15 @@ class KubeController:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            # Taken before reconciling: a change that lands while a write is awaited
+            # fires these and is reconciled next, not at the next RESYNC.
+            changed = self.cp.changed
+            self._kick = trio.Event()
             if all(self.synced.values()):
                 try:
                     await self.reconcile()
                 except (KubeError, ConfigError) as e:
                     log.warning("kubernetes: reconcile stopped early: %s (retrying)", e)
-            changed = self.cp.changed
-            self._kick = trio.Event()
             with trio.move_on_after(RESYNC):
                 async with trio.open_nursery() as nursery:
                     async def first(wait) -> None:
@@ -141,6 +148,7 @@ class KubeController:
 
     async def reconcile(self) -> None:
         self.reconciles += 1
+        self._reasons: dict[tuple[str, str | None], str] = {}  # _why() answers, for this reconcile
         state = self.cp.node_datasets()
         await self._nodes(state)
         ready_on = {name: (state.get(name) or {}).get("ready", set()) if name in self.nodes else set()
@@ -168,11 +176,14 @@ class KubeController:
             st = state.get(name)
             if st is None:  # no agent has ever reported as this node: nothing of ours belongs there
                 patch = node_rules.node_patch(node, set(), taint=False)
-            else:
+            elif st["up"] and not st["heard"]:
                 # Not heard from since this server started: what it reported before may be out of
-                # date, but a label it has is not taken away until it reports again.
-                keep = node_rules.ready_datasets(node) if st["up"] and not st["heard"] else set()
-                patch = node_rules.node_patch(node, st["ready"], keep=keep, taint=bool(st["tainting"]))
+                # date (whether its snapshot is complete is not stored), so nothing it has is taken
+                # away, and no taint is added, until it reports again.
+                patch = node_rules.node_patch(node, st["ready"], keep=node_rules.ready_datasets(node), taint=None)
+            else:
+                # A down agent syncs nothing: no taint keeping every workload off its node.
+                patch = node_rules.node_patch(node, st["ready"], taint=bool(st["tainting"]) and st["up"])
             if patch is None:
                 continue
             try:
@@ -194,6 +205,8 @@ class KubeController:
             message = f"{', '.join(datasets)} ready on {len(candidates)} node(s): scheduling gate lifted"
             log.info("kubernetes: pod %s/%s: %s", ns, name, message)
             await self._say(pod, "Normal", "DatasetsPlaced", message)
+            await self._condition(self.pods[(ns, name)], False, "DatasetsPlaced",
+                                  f"{message}; waiting to be scheduled on one of them")
             return
         message = self._why_nowhere(datasets, ready_on)
         await self._condition(pod, False, "DatasetsNotReady", message)
@@ -207,11 +220,16 @@ class KubeController:
             await self._condition(pod, False, "DatasetsNotReady", "; ".join(self._why(d, node) for d in missing))
 
     def _why(self, dataset: str, node: str | None) -> str:
+        cached = self._reasons.get((dataset, node))
+        if cached is not None:
+            return cached
         try:
             state, reason = self.cp.wait_state(dataset, node)
+            answer = reason or f"dataset {dataset} is {state}"
         except DatasetNotFound:
-            return f"dataset {dataset} is not known to the control plane"
-        return reason or f"dataset {dataset} is {state}"
+            answer = f"dataset {dataset} is not known to the control plane"
+        self._reasons[(dataset, node)] = answer
+        return answer
 
     def _why_nowhere(self, datasets: tuple[str, ...], ready_on: Mapping[str, set[str]]) -> str:
         somewhere = {d: sorted(n for n, r in ready_on.items() if d in r) for d in datasets}

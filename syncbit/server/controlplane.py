@@ -90,6 +90,7 @@ class ControlPlane:
         self.heard: set[str] = set()  # nodes that sent a heartbeat since this process started
         self.node_labels: dict[str, dict[str, str]] = {}  # node -> labels of its Kubernetes Node object
         self.in_use: dict[str, frozenset[str]] = {}  # node -> datasets that running pods there use
+        self._placements_held = False  # see hold_placements()
         for snap_id in store.snapshot_ids():
             for node, bitmap in store.holdings(snap_id).items():
                 self.bitmaps.setdefault(snap_id, {})[node] = bitmap
@@ -194,8 +195,18 @@ class ControlPlane:
         log.info("dataset %s unassigned", dataset)
         self._notify()
 
+    def hold_placements(self, hold: bool) -> None:
+        """While held, placements stay as stored (Kubernetes mode, until the Node labels are known:
+        a reschedule without them would drop every placement that selects on them)."""
+        self._placements_held = hold
+        if not hold:
+            self.reschedule_pending = True
+
     def reschedule(self) -> None:
         """Recompute every assignment's placements (cheap: pure, in memory, a few rows per change)."""
+        if self._placements_held:
+            self.reschedule_pending = True
+            return
         self._reports.clear()  # placements may be reset or re-made: take the next reports as news
         nodes = self._node_views()
         changed = False

