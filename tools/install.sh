@@ -9,8 +9,9 @@ extras="${1:-}"
 
 missing=()
 pkgs=(fuse3 libfuse3-dev pkg-config gcc)
-# The tests also build a multi-host bed from network namespaces (ip, tc, nsenter).
-[ "$extras" = test ] && pkgs+=(iproute2 util-linux)
+# The tests also build a multi-host bed from network namespaces (ip, tc, nsenter),
+# and run a real OCI registry with the tools that read images (skopeo, umoci).
+[ "$extras" = test ] && pkgs+=(iproute2 util-linux docker-registry skopeo umoci)
 for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
