@@ -14,20 +14,25 @@ from syncbit.server.scheduler import Assignment
 from syncbit.server.store import Store
 
 
-@pytest.fixture
-async def plane(tmp_path):
+async def two_node_plane(tmp_path) -> ControlPlane:
+    """A control plane on a real store with dataset "ds" (10,000 bytes) and nodes n1, n2 (role=gpu)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"x" * 10_000)
-    store = Store(tmp_path / "server.db")
-    cp = ControlPlane(store)
+    cp = ControlPlane(Store(tmp_path / "server.db"))
     await cp.add_dataset("ds", src.as_uri())
     for n in ("n1", "n2"):
         cp.heartbeat(n, {"labels": {"role": "gpu"}, "free": 10**9})
     cp.check_liveness()  # runs the reschedule the joins asked for
+    return cp
+
+
+@pytest.fixture
+async def plane(tmp_path):
+    cp = await two_node_plane(tmp_path)
     cp.assign("ds", Assignment("ds", selector={"role": "gpu"}))
     yield cp
-    store.close()
+    cp.store.close()
 
 
 def beat(cp: ControlPlane, node: str, state: str, cached: int, holdings: bytes | None = None) -> dict:

@@ -11,22 +11,14 @@ import pytest
 from syncbit.errors import ConfigError
 from syncbit.server.controlplane import ControlPlane
 from syncbit.server.scheduler import Assignment
-from syncbit.server.store import Store
+from tests.unit.test_controlplane_heartbeat import two_node_plane
 
 
 @pytest.fixture
 async def plane(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.bin").write_bytes(b"x" * 10_000)
-    store = Store(tmp_path / "server.db")
-    cp = ControlPlane(store)
-    await cp.add_dataset("ds", src.as_uri())
-    for n in ("n1", "n2"):
-        cp.heartbeat(n, {"labels": {"role": "gpu"}, "free": 10**9})
-    cp.check_liveness()
+    cp = await two_node_plane(tmp_path)
     yield cp
-    store.close()
+    cp.store.close()
 
 
 def beat(cp: ControlPlane, node: str, state: str, complete: bool | None = None) -> dict:

@@ -19,6 +19,7 @@ from syncbit.config import load_server_config
 from syncbit.errors import ConfigError
 from syncbit.k8s import nodes, pods, webhook
 from syncbit.k8s.certs import webhook_certificate
+from tests.servers.kube import merge_patch
 
 
 def node(labels=None, taints=None, rv="7"):
@@ -26,17 +27,8 @@ def node(labels=None, taints=None, rv="7"):
             "spec": {"taints": list(taints or [])}}
 
 
-def merge(obj, patch):
-    """RFC 7386 JSON merge patch, as the API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(obj) if isinstance(obj, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merge(out.get(k), v)
-    return out
+# RFC 7386, as the API server applies application/merge-patch+json (the emulator's own).
+merge = merge_patch
 
 
 # -- nodes ---------------------------------------------------------------------
