@@ -79,6 +79,12 @@ class AgentConfig:
     # Bytes/s for all uploads to / downloads from peers together; 0: unlimited.
     peer_upload_rate: int = 0
     peer_download_rate: int = 0
+    # A registry mirror (the pull subset of the OCI Distribution API) over the oci:// datasets.
+    registry_mirror_listen: str | None = None
+    # ... and images that are no dataset yet become one when a runtime pulls them through it.
+    registry_mirror_pull_through: bool = False
+    # Registries reached over plain http (besides loopback ones): "host:port,...".
+    insecure_registries: tuple[str, ...] = ()
 
     @property
     def cache_path(self) -> Path:
@@ -89,6 +95,7 @@ _SIZE_KEYS = {"min_free_disk", "block_size", "readahead", "peer_upload_rate", "p
 _DURATION_KEYS = {"fetch_deadline", "commit_interval", "heartbeat_interval", "node_down_after"}
 _INT_KEYS = {"prefetch_concurrency", "read_concurrency", "kernel_read_ahead_kb", "peer_upload_slots"}
 _FLOAT_KEYS = {"cache_high_watermark", "cache_low_watermark"}
+_BOOL_KEYS = {"registry_mirror_pull_through"}
 _FIELDS = {f.name for f in dataclasses.fields(AgentConfig)}
 
 
@@ -113,6 +120,17 @@ def _convert(key: str, value: Any) -> Any:
         if not 0 < v <= 1:
             raise ConfigError(f"{key}: must be in (0, 1], got {v}")
         return v
+    if key in _BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return str(value).lower() in ("true", "1", "yes")
+    if key == "insecure_registries":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError("insecure_registries: expected a list of host:port")
+        return tuple(i.strip() for i in items if i.strip())
     if key == "cache_quota":
         if isinstance(value, float) and 0 < value <= 1:
             return value  # a share of the filesystem, as the default 0.8 is
@@ -151,7 +169,7 @@ def _convert(key: str, value: Any) -> Any:
         raise ConfigError(f"log_format: expected text or json, got {value!r}")
     if key == "server":
         return check_server_url(str(value))
-    if key in ("listen", "metrics_listen", "peer_listen", "peer_advertise"):
+    if key in ("listen", "metrics_listen", "peer_listen", "peer_advertise", "registry_mirror_listen"):
         return check_listen(str(value), key)
     return str(value)
 
@@ -300,6 +318,8 @@ class ServerConfig:
     heartbeat_interval: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
+    # Registries reached over plain http (besides loopback ones), for oci:// datasets.
+    insecure_registries: tuple[str, ...] = ()
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
@@ -325,3 +345,10 @@ def load_server_config(
             values[key] = value
     kube = _kubernetes_config(values.pop("kubernetes", None), env)
     return ServerConfig(**{k: _convert(k, v) for k, v in values.items()}, kubernetes=kube)
+
+
+def export_insecure_registries(registries: tuple[str, ...]) -> None:
+    """Make the ``insecure_registries`` setting visible to oci:// sources, which read it
+    where every key can also be given: ``SYNCBIT_INSECURE_REGISTRIES``."""
+    if registries:
+        os.environ["SYNCBIT_INSECURE_REGISTRIES"] = ",".join(registries)

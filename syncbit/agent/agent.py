@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from ..cache import BlockCache
-from ..config import AgentConfig, DatasetSpec
+from ..config import AgentConfig, DatasetSpec, export_insecure_registries
 from ..errors import (
     AgentAlreadyRunning, ConfigError, DatasetNotFound, DigestMismatch, MountError, SourceChanged, SyncbitError,
     collapse_groups, unwrap_group,
@@ -67,6 +67,7 @@ def default_name(uri: str) -> str:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        export_insecure_registries(config.insecure_registries)
         self.cache = BlockCache(
             config.cache_path, quota=config.cache_quota,
             high_watermark=config.cache_high_watermark, low_watermark=config.cache_low_watermark,
@@ -135,6 +136,13 @@ class Agent:
                     from .api import serve_metrics
 
                     await nursery.start(serve_metrics, self, self.config.metrics_listen)
+                if self.config.registry_mirror_listen:
+                    from .mirror import serve_mirror
+
+                    await nursery.start(serve_mirror, self, self.config.registry_mirror_listen,
+                                        self.config.registry_mirror_pull_through)
+                    log.info("registry mirror on http://%s%s", self.config.registry_mirror_listen,
+                             " (pull-through)" if self.config.registry_mirror_pull_through else "")
                 nursery.start_soon(self._signals)
                 log.info("agent %s serving %s (socket %s)", self.config.node_name, self.config.mountpoint,
                          self.config.socket)

@@ -8,7 +8,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from ..config import ServerConfig
+from ..config import ServerConfig, export_insecure_registries
 from .api import build_app
 from .controlplane import ControlPlane
 from .store import Store
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        export_insecure_registries(config.insecure_registries)
         self.store = Store(config.db)
         self.cp = ControlPlane(self.store, node_down_after=config.node_down_after,
                                heartbeat_interval=config.heartbeat_interval)

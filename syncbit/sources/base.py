@@ -27,6 +27,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "https": ("syncbit.sources.http", "HttpSource", None),
     "s3": ("syncbit.sources.s3", "S3Source", "boto3"),
     "hf": ("syncbit.sources.hf", "HfSource", "huggingface_hub"),
+    "oci": ("syncbit.sources.oci", "OciSource", None),
 }
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")

@@ -242,3 +242,21 @@ def test_socket_path_for_cli(write_config):
     assert socket_path_for_cli(None, env={"SYNCBIT_CONFIG": str(path)}) == "/tmp/from-file.sock"
     # A config file's socket is still overridden by SYNCBIT_SOCKET (env beats file).
     assert socket_path_for_cli(str(path), env={"SYNCBIT_SOCKET": "/tmp/env.sock"}) == "/tmp/env.sock"
+
+
+def test_registry_mirror_and_insecure_registries_keys(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("registry_mirror_listen: 127.0.0.1:7072\nregistry_mirror_pull_through: true\n"
+                 "insecure_registries: [reg.lan:5000, other:80]\n")
+    cfg = load_agent_config(f, env={})
+    assert (cfg.registry_mirror_listen, cfg.registry_mirror_pull_through, cfg.insecure_registries) == (
+        "127.0.0.1:7072", True, ("reg.lan:5000", "other:80"))
+    env = {"SYNCBIT_REGISTRY_MIRROR_PULL_THROUGH": "no", "SYNCBIT_INSECURE_REGISTRIES": "a:1,b:2"}
+    cfg = load_agent_config(f, env=env)
+    assert cfg.registry_mirror_pull_through is False and cfg.insecure_registries == ("a:1", "b:2")
+    for text, why in (("registry_mirror_pull_through: maybe\n", "true or false"),
+                      ("registry_mirror_listen: nowhere\n", "HOST:PORT"),
+                      ("insecure_registries: {a: 1}\n", "list of host:port")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_agent_config(f, env={})
