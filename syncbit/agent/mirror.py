@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from ..errors import SyncbitError
 from ..sources.oci import parse_oci
+from .datasets import READY
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+class _BlobResponse(FileResponse):
+    # 1 MiB reads (Starlette's default is 64 KiB): each read is a FUSE request to this process.
+    chunk_size = 1024 * 1024
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -96,6 +102,7 @@ class Mirror:
                 media_type = await self._media_type(dataset, rel)
                 return self._file(request, dataset, rel, ref, media_type)
             if ref in (tag, digest):
+                self._prefetch(dataset)
                 entry = await self._index_entry(dataset)
                 rel = f"blobs/sha256/{entry['digest'][7:]}"
                 return self._file(request, dataset, rel, entry["digest"], entry["mediaType"])
@@ -117,7 +124,14 @@ class Mirror:
         # Read through the mount in worker threads: the FUSE requests come back to this
         # process's loop, which keeps serving them meanwhile (never a read on the loop itself).
         headers = {**_API_VERSION, "Docker-Content-Digest": digest}
-        return FileResponse(self._path(dataset, rel), media_type=media_type, headers=headers)
+        return _BlobResponse(self._path(dataset, rel), media_type=media_type, headers=headers)
+
+    def _prefetch(self, dataset: str) -> None:
+        """A runtime that asked for the manifest is about to ask for every blob: fetch them all now,
+        in parallel runs, rather than each as the runtime's reads reach it."""
+        ds = self.agent.datasets[dataset]
+        if ds.prefetch_scope is None and ds.state != READY:
+            self.agent.start_prefetch(ds)
 
     async def _index_entry(self, dataset: str) -> dict:
         text = await trio.to_thread.run_sync(lambda: open(self._path(dataset, "index.json"), "rb").read())
