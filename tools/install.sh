@@ -10,8 +10,8 @@ extras="${1:-}"
 missing=()
 pkgs=(fuse3 libfuse3-dev pkg-config gcc)
 # The tests also build a multi-host bed from network namespaces (ip, tc, nsenter),
-# and run a real OCI registry with the tools that read images (skopeo, umoci).
-[ "$extras" = test ] && pkgs+=(iproute2 util-linux docker-registry skopeo umoci)
+# and run a real OCI registry with the tools that read images (skopeo, umoci, containerd).
+[ "$extras" = test ] && pkgs+=(iproute2 util-linux docker-registry skopeo umoci containerd)
 for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done

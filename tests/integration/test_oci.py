@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -279,3 +280,51 @@ def test_plain_http_only_for_loopback_and_listed_registries(monkeypatch):
     monkeypatch.setenv("SYNCBIT_INSECURE_REGISTRIES", "other:1, reg.lan:5000")
     assert OciSource("oci://reg.lan:5000/a").base == "http://reg.lan:5000/v2/a/"
     assert OciSource("oci://reg.lan/a").base == "https://reg.lan/v2/a/"
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    """A containerd daemon of its own (Debian's), on a private socket and root."""
+    base = tmp_path / "containerd"
+    base.mkdir()
+    sock = base / "sock"
+    log = open(base / "log", "wb")
+    proc = subprocess.Popen(["containerd", "--root", str(base / "root"), "--state", str(base / "state"),
+                             "--address", str(sock), "--config", "/dev/null"], stdout=log, stderr=log)
+    try:
+        for _ in range(100):
+            if subprocess.run(["ctr", "--address", str(sock), "version"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("containerd did not start: " + (base / "log").read_text()[-2000:])
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+        subprocess.run(["umount", "-R", "-l", str(base / "root")], capture_output=True)
+
+
+def test_containerd_pulls_through_the_mirror_with_the_registry_gone(tmp_path, registry, agent_factory, containerd):
+    """containerd's hosts.toml from docs/oci.md, the mirror as the only server: the image was
+    assigned (pulled) ahead of time, the registry is stopped, and `ctr images pull` unpacks it."""
+    from tests.conftest import _free_port
+
+    v1, _ = sample_tags_sharing_layers(10)
+    registry.push("team/app", v1, "v1")
+    mirror = f"127.0.0.1:{_free_port()}"
+    agent = agent_factory(registry_mirror_listen=mirror)
+    agent.cli("pull", f"oci://{registry.address}/team/app:v1", "--name", "app")
+    registry.stop()
+    hosts = tmp_path / "certs.d" / registry.address
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(f'server = "http://{mirror}"\n\n[host."http://{mirror}"]\n'
+                                      f'  capabilities = ["pull", "resolve"]\n')
+    r = subprocess.run(["ctr", "--address", str(containerd), "images", "pull", "--hosts-dir",
+                        str(tmp_path / "certs.d"), f"{registry.address}/team/app:v1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + agent.log()[-3000:]
+    listed = subprocess.run(["ctr", "--address", str(containerd), "images", "ls"], capture_output=True,
+                            text=True, check=True).stdout
+    assert v1.digest in listed, listed
