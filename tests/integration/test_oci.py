@@ -328,3 +328,25 @@ def test_containerd_pulls_through_the_mirror_with_the_registry_gone(tmp_path, re
     listed = subprocess.run(["ctr", "--address", str(containerd), "images", "ls"], capture_output=True,
                             text=True, check=True).stdout
     assert v1.digest in listed, listed
+
+
+def test_an_image_assigned_by_the_control_plane_is_served_by_the_mirror_air_gapped(
+        tmp_path, registry, server_factory, agent_factory):
+    from tests.conftest import _free_port
+    from tests.integration.test_control_plane import cli, wait_until
+
+    v1, _ = sample_tags_sharing_layers(11)
+    registry.push("team/app", v1, "v1")
+    server = server_factory()
+    mirror = f"127.0.0.1:{_free_port()}"
+    agent_factory("n0", node_name="n0", server=server.url, heartbeat_interval="0.5s",
+                  registry_mirror_listen=mirror)
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="node registered")
+    cli(server, "dataset", "add", "app", f"oci://{registry.address}/team/app:v1")
+    cli(server, "assign", "app", "--nodes", "n0")
+    cli(server, "wait", "app", "--timeout", "60")
+    registry.stop()
+    manifest = _copy_through(mirror, "team/app:v1", tmp_path / "copy")
+    assert manifest == json.loads(v1.data)
+    for blob in v1.all_blobs().values():
+        assert (tmp_path / "copy" / "blobs" / "sha256" / blob.digest[7:]).read_bytes() == blob.data
