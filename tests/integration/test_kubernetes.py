@@ -76,6 +76,13 @@ def events_for(kube, name):
             if e["involvedObject"]["name"] == name]
 
 
+def _heartbeats(server) -> float:
+    for line in server.api("GET", "/metrics").text.splitlines():
+        if line.startswith("syncbit_server_heartbeat_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def labels_over_time(kube, name):
     return [None if v is None else {k: val for k, val in v.items() if k.startswith("dataset.syncbit.io/")}
             for v in kube.label_history("nodes", name)]
@@ -188,8 +195,9 @@ def test_restarts_of_agent_and_server_do_not_flap_labels(cluster):
     cli(server, "wait", "llama", "--node", "n0", "--timeout", "30")
     server.stop()
     server.start()
-    # The restarted server has heard from nobody yet, then hears from n0 again.
-    wait_until(lambda: "n0" in server.log().split("control plane listening")[-1], what="n0 back", timeout=30)
+    # The restarted server has heard from nobody yet, then hears from both nodes again
+    # (its heartbeat counter starts from zero; each node beats every 0.5 s).
+    wait_until(lambda: _heartbeats(server) >= 8, what="heartbeats to the restarted server", timeout=30)
     time.sleep(3)  # several reconciles
     history = kube.history("nodes", "n0")
     assert len(history) == versions, [v["metadata"]["labels"] for v in history[versions:]]
