@@ -15,6 +15,8 @@ from http.server import ThreadingHTTPServer
 class TrackedHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    thread_name = "http-server"
+    poll_interval = 0.5  # how soon serve_forever notices shutdown()
 
     def __init__(self, address, handler) -> None:
         self._lock = threading.Lock()  # also guards the subclasses' counters
@@ -45,3 +47,15 @@ class TrackedHTTPServer(ThreadingHTTPServer):
                 c.shutdown(2)
             except OSError:
                 pass
+
+    def start(self):
+        """Serve in a daemon thread; returns self."""
+        threading.Thread(target=self.serve_forever, args=(self.poll_interval,), name=self.thread_name,
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection (keep-alive ones too): the server is gone."""
+        self.shutdown()
+        self.server_close()
+        self.cut_connections()

@@ -14,7 +14,6 @@ import email.utils
 import html
 import os
 import re
-import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -26,6 +25,7 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 class OriginServer(TrackedHTTPServer):
+    thread_name = "origin"
 
     def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = Path(root).resolve()
@@ -49,15 +49,6 @@ class OriginServer(TrackedHTTPServer):
         with self._lock:
             self.bytes_sent += n
 
-    def start(self) -> OriginServer:
-        threading.Thread(target=self.serve_forever, name="origin", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and cut every open connection (keep-alive ones too): the origin is gone."""
-        self.shutdown()
-        self.server_close()
-        self.cut_connections()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -28,7 +28,13 @@ import trio
 import urllib3
 
 from ..errors import (
-    AccessDenied, HostileName, MalformedURI, SourceChanged, SourceError, SourceNotFound, TemporarySourceError,
+    AccessDenied,
+    HostileName,
+    MalformedURI,
+    SourceChanged,
+    SourceError,
+    SourceNotFound,
+    TemporarySourceError,
     collapse_groups,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
@@ -118,6 +124,16 @@ def _status_error(status: int, url: str) -> Exception:
     return SourceError(f"source answered HTTP {status} for {url}")
 
 
+async def in_thread(uri: str, limiter: trio.CapacityLimiter, fn, *args):
+    """Run a blocking urllib3 request in a worker thread, its errors translated once, here."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+    except urllib3.exceptions.LocationValueError as e:  # a URL no retry can fix
+        raise SourceError(f"{uri}: {type(e).__name__}: {e}") from e
+    except urllib3.exceptions.HTTPError as e:
+        raise TemporarySourceError(f"{uri}: {type(e).__name__}: {e}") from e
+
+
 def _validator(headers) -> str:
     etag = headers.get("etag")
     if etag:
@@ -151,13 +167,7 @@ class HttpSource(Source):
         return entry.locator in self._ranges_ignored
 
     async def _in_thread(self, fn, *args):
-        # Every request runs here, so urllib3's errors are translated once, here.
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except urllib3.exceptions.LocationValueError as e:  # a URL no retry can fix
-            raise SourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
-        except urllib3.exceptions.HTTPError as e:
-            raise TemporarySourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
+        return await in_thread(self.uri, self.limiter, fn, *args)
 
     # -- listing ---------------------------------------------------------
 

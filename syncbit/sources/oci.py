@@ -49,7 +49,6 @@ from ..errors import (
     MalformedURI,
     SourceError,
     SourceNotFound,
-    TemporarySourceError,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
 from .base import Sink, Source
@@ -59,6 +58,7 @@ from .http import (
     _TIMEOUT,
     _status_error,
     deliver_range,
+    in_thread,
     range_headers,
 )
 from .retry import retry_within
@@ -227,12 +227,7 @@ class OciSource(Source):
                 raise AccessDenied(f"{self.registry}: unsupported authentication challenge {challenge!r}")
 
     async def _in_thread(self, fn, *args):
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except urllib3.exceptions.LocationValueError as e:
-            raise SourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
-        except urllib3.exceptions.HTTPError as e:
-            raise TemporarySourceError(f"{self.uri}: {type(e).__name__}: {e}") from e
+        return await in_thread(self.uri, self.limiter, fn, *args)
 
     # -- listing ---------------------------------------------------------------
 

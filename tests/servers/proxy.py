@@ -9,7 +9,6 @@ connection to the upstream and streams the answer back.
 from __future__ import annotations
 
 import http.client
-import threading
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
@@ -19,6 +18,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 
 class FaultProxy(TrackedHTTPServer):
+    thread_name = "fault-proxy"
 
     def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         parts = urlsplit(upstream)
@@ -61,14 +61,6 @@ class FaultProxy(TrackedHTTPServer):
             self.bytes_by_path = {}
             self.requests = []
 
-    def start(self) -> FaultProxy:
-        threading.Thread(target=self.serve_forever, name="fault-proxy", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.cut_connections()
 
 
 class _Handler(BaseHTTPRequestHandler):

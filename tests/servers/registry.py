@@ -45,7 +45,6 @@ import shutil
 import ssl
 import subprocess
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -508,6 +507,8 @@ class TokenServer(TrackedHTTPServer):
     trusts that certificate through ``rootcertbundle`` (``cert_path``).
     """
 
+    thread_name, poll_interval = "token-server", 0.05
+
     def __init__(self, root: Path, users: dict[str, str], *, service: str = "syncbit-test-registry",
                  issuer: str = "syncbit-test-issuer", anonymous_pull: bool = False,
                  ttl: int = 300, host: str = "127.0.0.1") -> None:
@@ -540,14 +541,6 @@ class TokenServer(TrackedHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/token"
 
-    def start(self) -> TokenServer:
-        threading.Thread(target=self.serve_forever, args=(0.05,), name="token-server", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.cut_connections()
 
     def make_token(self, subject: str, access: list[dict], ttl: int | None = None) -> str:
         from cryptography.hazmat.primitives import hashes
@@ -1002,6 +995,8 @@ class StubRegistry(TrackedHTTPServer):
     point a source at it.
     """
 
+    thread_name, poll_interval = "stub-registry", 0.05
+
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.manifests: dict[tuple[str, str], StubResponse] = {}
         self.blobs: dict[tuple[str, str], StubResponse] = {}
@@ -1027,14 +1022,6 @@ class StubRegistry(TrackedHTTPServer):
         if tag:
             self.manifests[(repo, tag)] = resp
 
-    def start(self) -> StubRegistry:
-        threading.Thread(target=self.serve_forever, args=(0.05,), name="stub-registry", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.cut_connections()
 
     def __enter__(self) -> StubRegistry:
         return self.start()
