@@ -135,6 +135,19 @@ def build_app(cp: ControlPlane) -> Starlette:
         metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - started)
         return JSONResponse(answer)
 
+    async def desired(request: Request):
+        # Long-polled by agents beside their heartbeats: an assignment reaches a node at once.
+        name = check_name(request.path_params["name"], "node")
+        try:
+            since = int(request.query_params.get("version", "-1"))
+            timeout = min(MAX_WAIT, max(0.0, float(request.query_params.get("timeout", "0"))))
+        except ValueError:
+            raise ConfigError("version must be an integer and timeout a number of seconds") from None
+        with trio.move_on_after(timeout):
+            while cp.version == since:
+                await cp.changed.wait()
+        return JSONResponse({"version": cp.version, "epoch": cp.epoch, "desired": cp.desired(name)})
+
     async def list_datasets(request: Request):
         return JSONResponse({"datasets": [cp.dataset_view(d["name"]) for d in cp.store.datasets()]})
 
@@ -217,6 +230,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         Route("/v1/status", endpoint(status)),
         Route("/v1/nodes", endpoint(nodes)),
         Route("/v1/nodes/{name}/heartbeat", endpoint(heartbeat), methods=["PUT", "POST"]),
+        Route("/v1/nodes/{name}/desired", endpoint(desired)),
         Route("/v1/datasets", endpoint(list_datasets)),
         Route("/v1/datasets", endpoint(add_dataset), methods=["POST"]),
         Route("/v1/datasets/{name}", endpoint(get_dataset)),

@@ -397,7 +397,7 @@ class ControlPlane:
             # States and progress are not part of any node's desired answer:
             # waking the waiters must not invalidate every node's cached answer.
             self._wake()
-        return {"desired": self.desired(name), "refused_blocks": refused,
+        return {"desired": self.desired(name), "version": self.version, "refused_blocks": refused,
                 "heartbeat_interval": self.heartbeat_interval, "epoch": self.epoch}
 
     def flush(self) -> None:

@@ -292,6 +292,9 @@ def test_bad_api_input_gets_4xx_with_a_message(tmp_path, origin_factory, server_
         ("PUT", "/v1/nodes/bad%20name/heartbeat", {"json": {}}, 400),
         ("GET", "/v1/snapshots/nope", {}, 404),
         ("GET", "/v1/datasets/ok/wait?timeout=abc", {}, 400),
+        ("GET", "/v1/nodes/n1/desired?version=new", {}, 400),
+        ("GET", "/v1/nodes/n1/desired?timeout=soon", {}, 400),
+        ("GET", "/v1/nodes/bad%20name/desired", {}, 400),
         ("POST", "/v1/manifest", {"json": {"file_objects": "x"}}, 400),
     ]
     for method, path, kw, want in cases:
@@ -407,3 +410,49 @@ def test_wait_on_the_local_agent_as_an_init_container_would(tmp_path, origin_fac
     r = local_wait("broken", "--timeout", "60")
     out, err = r.communicate(timeout=90)
     assert r.returncode == 15 and "failed on this node" in err, (r.returncode, err)
+
+
+def test_desired_state_is_long_polled_and_answers_at_once_when_an_assignment_changes(tmp_path, origin_factory,
+                                                                                      server_factory):
+    import threading
+
+    origin = origin_factory(write_tree(tmp_path / "src", {"a": b"a"}))
+    server = server_factory()
+    server.api("PUT", "/v1/nodes/n1/heartbeat", json={"labels": {}, "free": 10**12})
+    server.api("POST", "/v1/datasets", json={"name": "d", "uri": origin.url})
+    first = server.api("GET", "/v1/nodes/n1/desired").json()  # no version: the answer now
+    assert first["desired"] == [] and isinstance(first["version"], int) and first["epoch"]
+    # Nothing changes: held until the timeout, then the same version.
+    t = time.monotonic()
+    same = server.api("GET", f"/v1/nodes/n1/desired?version={first['version']}&timeout=1").json()
+    assert same["version"] == first["version"] and time.monotonic() - t >= 0.9
+    # An assignment made while the poll is held answers it at once.
+    got = {}
+
+    def poll():
+        t0 = time.monotonic()
+        got["answer"] = server.api("GET", f"/v1/nodes/n1/desired?version={first['version']}&timeout=30").json()
+        got["seconds"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.5)
+    assert "answer" not in got
+    server.api("PUT", "/v1/datasets/d/assignment", json={"nodes": ["n1"]})
+    thread.join(10)
+    assert [d["dataset"] for d in got["answer"]["desired"]] == ["d"]
+    assert got["answer"]["version"] > first["version"] and got["seconds"] < 5
+
+
+def test_an_assignment_reaches_an_agent_at_once_not_at_its_next_heartbeat(tmp_path, origin_factory, server_factory,
+                                                                         agent_factory):
+    origin = origin_factory(write_tree(tmp_path / "src", {"a.bin": b"abc" * 1000}))
+    server = server_factory(heartbeat_interval="60s")  # what agents are told: the next beat is a minute away
+    agent = agent_factory("n1", node_name="n1", server=server.url, heartbeat_interval="60s", block_size=BS)
+    wait_until(lambda: server.api("GET", "/v1/nodes").json()["nodes"], what="the agent's first heartbeat")
+    server.api("POST", "/v1/datasets", json={"name": "d", "uri": origin.url})
+    time.sleep(1.0)  # the agent's long poll is now held by the server
+    server.api("PUT", "/v1/datasets/d/assignment", json={"nodes": ["n1"]})
+    # From the long poll, not from the heartbeat a minute later.
+    wait_until(lambda: (agent.mnt / "d" / "a.bin").exists(), timeout=15, what="the dataset in the mount")
+    assert (agent.mnt / "d" / "a.bin").read_bytes() == b"abc" * 1000
