@@ -22,6 +22,8 @@ FETCH_SECONDS = Histogram(
 )
 PEER_BYTES = Counter("syncbit_agent_peer_bytes", "Bytes exchanged with peers", ["direction", "peer"],
                      registry=REGISTRY)
+RELAY_BYTES = Counter("syncbit_agent_relay_bytes", "Of the peer bytes, those of blocks passed on while they "
+                      "arrived from the source", ["direction"], registry=REGISTRY)
 PEER_ERRORS = Counter("syncbit_agent_peer_errors", "Peer fetches that failed, by reason", ["reason"],
                       registry=REGISTRY)
 _CACHE_BYTES = Gauge("syncbit_agent_cache_bytes", "Bytes of block files held", registry=REGISTRY)

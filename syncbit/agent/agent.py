@@ -38,11 +38,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PREFETCH_RUN_BLOCKS = 16
 # With peers, small source runs: each is a claim on the source that other
 # nodes wait for, so it should arrive in a second or two.
-_SOURCE_RUN_BLOCKS = 2
+_SOURCE_RUN_BLOCKS = 1
 _RAREST_WINDOW = 256  # missing blocks looked up at once for rarest-first (with peers)
 _RAREST_BATCH = 16  # fetched from peers per lookup: 64 MiB, a few seconds of a node's link
 _SOURCE_WINDOW = 32  # missing blocks a source worker asks the tracker about at once
 _PEER_FETCHES = 8  # blocks coming from peers at once, per node (with peers)
+_RELAY_FETCHES = 16  # blocks relayed to this node while they arrive at another from the source
 _SOURCE_WORKERS = 2  # with peers: prefetch runs that take this node's share of the source (all datasets)
 
 
@@ -96,7 +97,8 @@ class Agent:
 
             secret = load_secret(config.cluster_secret_file)
             self.peer_server = PeerServer(self.cache, secret, upload_slots=config.peer_upload_slots,
-                                          upload_rate=config.peer_upload_rate)
+                                          upload_rate=config.peer_upload_rate, partials=self.fetcher.partials)
+            self.fetcher.relaying = True
             self.peer_address = config.peer_advertise or config.peer_listen
             self._peer_client = PeerClient(secret, config.node_name, download_rate=config.peer_download_rate)
             self.fetcher.peers = Swarm(self._peer_client, self.link, config.block_size)
@@ -408,19 +410,31 @@ class Agent:
             pause = min(5.0, pause * 2)  # rounds that bring nothing: ask the tracker less and less often
 
     async def _from_peers(self, snap: Snapshot, source: Source, source_done: trio.Event) -> None:
-        """Keep ``_PEER_FETCHES`` blocks coming from peers, rarest first, until the source pass is done
-        and peers hold nothing more that this node lacks.
+        """Take from peers what this node lacks, until the source pass is done and peers hold nothing
+        more that this node lacks.
 
-        One tracker lookup covers a window of the missing blocks (in this
-        node's random order); the held ones are taken with the fewest
-        holders first (ties in that order), a batch at a time: the blocks
-        only one node has are copied before the common ones, so no holder
-        stays the only source of anything for long. The next lookup is made
-        as soon as the batch is under way, so the link does not idle between
-        batches. A block no holder gives (dead, refusing, corrupt) goes the
+        Two streams. Relays (``_relays``): every block another node is
+        fetching from the source is taken from that node as it arrives
+        there. Whole blocks (below), rarest first: one tracker lookup covers
+        a window of the missing blocks (in this node's random order); the
+        held ones are taken with the fewest holders first (ties in that
+        order), a batch at a time, so no holder stays the only source of
+        anything for long. The next lookup is made as soon as the batch is
+        under way. A block no holder gives (dead, refusing, corrupt) goes the
         way of a read: the next holder the tracker names, else the source.
+
+        Whole blocks give way on this node's link: the source streams (this
+        node's and those relayed from others) set the pace of the whole
+        swarm, and every TCP stream beside them takes a share of the link.
+        So at most ``_PEER_FETCHES`` less the relays and source streams in
+        progress are fetched at once (at least one).
         """
         slots = trio.Semaphore(_PEER_FETCHES)
+        relay_slots = trio.Semaphore(_RELAY_FETCHES)
+        relays_done = trio.Event()
+
+        def pacing_streams() -> int:
+            return (_RELAY_FETCHES - relay_slots.value) + self._source_limiter.borrowed_tokens
 
         async def one(entry, idx: int, block_id: str, addresses: list[str]) -> None:
             try:
@@ -433,6 +447,7 @@ class Agent:
                 slots.release()
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._relays, snap, source_done, relay_slots, relays_done)
             while self.missing_bytes(snap):
                 window = list(itertools.islice(
                     ((e, i) for e, i in self._missing_blocks(snap) if not self.fetcher.in_flight(e, i)),
@@ -441,13 +456,75 @@ class Agent:
                 held = sorted((len(a["peers"]), n, e, i, a) for n, ((e, i), a) in enumerate(zip(window, answers))
                               if a is not None and a.get("id") and a.get("peers"))
                 if not held:
-                    if source_done.is_set() and slots.value == _PEER_FETCHES:
+                    if source_done.is_set() and relays_done.is_set() and slots.value == _PEER_FETCHES:
                         return  # nothing held that we lack, nothing coming: the round is over
-                    await trio.sleep(self.PASS_PAUSE)
+                    await self._pause(snap, self.PASS_PAUSE)
                     continue
                 for _, _, entry, idx, a in held[:_RAREST_BATCH]:
+                    while _PEER_FETCHES - slots.value >= max(1, _PEER_FETCHES - pacing_streams()):
+                        await trio.sleep(0.05)
                     await slots.acquire()
+                    if self.fetcher.in_flight(entry, idx):
+                        slots.release()  # relayed meanwhile
+                        continue
                     nursery.start_soon(one, entry, idx, a["id"], a["peers"])
+
+    # How often the tracker is asked which missing blocks other nodes are fetching. A relay
+    # that starts late loses nothing: what arrived meanwhile is sent at once.
+    RELAY_POLL = 0.2
+
+    async def _relays(self, snap: Snapshot, source_done: trio.Event, slots: trio.Semaphore,
+                      done: trio.Event) -> None:
+        """Take every missing block another node is fetching from the source from that node,
+        as it arrives there (``Fetcher.fetch_from_relay``), ``_RELAY_FETCHES`` at a time.
+
+        Ends (setting ``done``) when nothing is missing, or when this node's
+        source pass is over, no relay is in progress and no other node is
+        fetching what this node lacks: what is left then has holders, and
+        the whole-block stream takes it.
+        """
+        async def relayed(entry, idx: int, address: str) -> None:
+            try:
+                await self.fetcher.fetch_from_relay(entry, idx, address)
+            finally:
+                slots.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                while self.missing_bytes(snap):
+                    if not slots.value:
+                        await self._pause(snap, self.RELAY_POLL)  # every relay slot busy: nothing to ask yet
+                        continue
+                    window = list(itertools.islice(
+                        ((e, i) for e, i in self._missing_blocks(snap) if not self.fetcher.in_flight(e, i)),
+                        _RAREST_WINDOW))
+                    answers = await self.link.lookup_items([(e.file_object, i) for e, i in window])
+                    relayed_now = [(e, i, a["relay"]) for (e, i), a in zip(window, answers)
+                                   if a is not None and a.get("relay")]
+                    if not relayed_now and source_done.is_set() and slots.value == _RELAY_FETCHES:
+                        return  # nobody is fetching what we lack: the rest has holders
+                    for e, i, address in relayed_now:
+                        if not self.fetcher.in_flight(e, i):
+                            await slots.acquire()
+                            if not self.fetcher.in_flight(e, i):
+                                nursery.start_soon(relayed, e, i, address)
+                            else:
+                                slots.release()
+                    await self._pause(snap, self.RELAY_POLL)
+        finally:
+            done.set()
+
+    async def _pause(self, snap: Snapshot, seconds: float) -> None:
+        """Sleep up to ``seconds``; return early once nothing of ``snap`` is missing.
+
+        The snapshot is looked at only when this node has no fetch in
+        progress (which is rare before its last block), not at every block.
+        """
+        with trio.move_on_after(seconds):
+            while True:
+                await self.fetcher.block_stored()
+                if not self.fetcher.busy and not self.missing_bytes(snap):
+                    return
 
     async def _source_pass(self, snap: Snapshot, source: Source, done: trio.Event) -> None:
         """This node's share of the source: ``_SOURCE_WORKERS`` streams of blocks the tracker grants it.
@@ -472,48 +549,76 @@ class Agent:
         start = random.randrange(len(order)) if order else 0
         order = order[start:] + order[:start]  # its own random start
         pos = 0  # blocks before this one are held, claimed or fetched: done for this pass
-        while True:
-            window = []
-            for j in range(pos, len(order)):
-                e, i = order[j]
-                if self.cache.present_block(e.file_object, i) is not None or self.fetcher.in_flight(e, i):
-                    if not window:
-                        pos = j + 1
-                    continue
-                window.append((j, e, i))
-                if len(window) == _SOURCE_WINDOW:
-                    break
-            if not window:
-                return
-            answers = await self.link.lookup_items([(e.file_object, i) for _, e, i in window], claim=True,
-                                                   grants=_SOURCE_RUN_BLOCKS)
-            if all(a is None or a.get("stale") for a in answers):
-                # No tracker: the source, a run at a time, for blocks no peer was last heard to hold.
-                granted = [(j, e, i) for (j, e, i), a in zip(window, answers) if a is None][:_SOURCE_RUN_BLOCKS]
-            else:
-                # Granted to us, or held by peers whose id the tracker does not know (no way to
-                # verify a peer's copy): both come from the source.
-                granted = [(j, e, i) for (j, e, i), a in zip(window, answers)
-                           if a is not None and (a.get("source") or (a.get("peers") and not a.get("id")))]
-                granted = granted[:_SOURCE_RUN_BLOCKS]
-            # Move on past what is taken care of (held, being fetched, taken now), up to the first
-            # block that is not: it is asked about again.
-            taken = {j for j, _, _ in granted}
-            moved_to = window[-1][0] + 1
-            for (j, _, _), a in zip(window, answers):
-                if j not in taken and (a is None or a.get("stale") or not (
-                        (a.get("peers") and a.get("id")) or a.get("wait_for"))):
-                    moved_to = j
-                    break
-            if not granted and moved_to == pos:
-                await trio.sleep(self.PASS_PAUSE)  # nothing to take and nothing moved: do not spin
-            pos = moved_to
+        fetched = trio.Event()  # the worker's last grant is fetched (or failed)
+        fetched.set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                window = []
+                for j in range(pos, len(order)):
+                    e, i = order[j]
+                    if self.cache.present_block(e.file_object, i) is not None or self.fetcher.in_flight(e, i):
+                        if not window:
+                            pos = j + 1
+                        continue
+                    window.append((j, e, i))
+                    if len(window) == _SOURCE_WINDOW:
+                        break
+                if not window:
+                    return
+                answers = await self.link.lookup_items([(e.file_object, i) for _, e, i in window], claim=True,
+                                                       grants=_SOURCE_RUN_BLOCKS)
+                if all(a is None or a.get("stale") for a in answers):
+                    # No tracker: the source, a run at a time, for blocks no peer was last heard to hold.
+                    granted = [(j, e, i) for (j, e, i), a in zip(window, answers) if a is None][:_SOURCE_RUN_BLOCKS]
+                else:
+                    # Granted to us, or held by peers whose id the tracker does not know (no way to
+                    # verify a peer's copy): both come from the source.
+                    granted = [(j, e, i) for (j, e, i), a in zip(window, answers)
+                               if a is not None and (a.get("source") or (a.get("peers") and not a.get("id")))]
+                    granted = granted[:_SOURCE_RUN_BLOCKS]
+                # Move on past what is taken care of (held, being fetched, taken now), up to the first
+                # block that is not: it is asked about again.
+                taken = {j for j, _, _ in granted}
+                moved_to = window[-1][0] + 1
+                for (j, _, _), a in zip(window, answers):
+                    if j not in taken and (a is None or a.get("stale") or not (
+                            (a.get("peers") and a.get("id")) or a.get("wait_for"))):
+                        moved_to = j
+                        break
+                if not granted and moved_to == pos:
+                    await self._pause(snap, self.PASS_PAUSE)  # nothing to take and nothing moved: do not spin
+                pos = moved_to
+                await fetched.wait()  # one source request at a time per worker
+                if granted:
+                    fetched = trio.Event()
+                    nursery.start_soon(self._fetch_granted, source, granted, fetched)
+                    # The next grant is asked for while the end of this one arrives, so that the
+                    # next request follows at once: every node's workers finish their blocks
+                    # together, and a pause of each between blocks idles the source's link.
+                    _, entry, idx = granted[-1]
+                    await self._nearly_arrived(entry, idx, fetched)
+
+    async def _fetch_granted(self, source: Source, granted: list, done: trio.Event) -> None:
+        try:
             by_file: dict[str, tuple[FileEntry, list[int]]] = {}
             for _, entry, idx in granted:
                 by_file.setdefault(entry.file_object, (entry, []))[1].append(idx)
             for entry, idxs in by_file.values():
                 async with self._source_limiter:
                     await self.fetcher.fetch_from_source(source, entry, idxs)
+        finally:
+            done.set()
+
+    async def _nearly_arrived(self, entry: FileEntry, idx: int, fetched: trio.Event) -> None:
+        """Wait until three quarters of block ``idx`` arrived from the source, or its fetch ended."""
+        while not fetched.is_set():
+            partial = self.fetcher.partials.get((entry.file_object, idx))
+            if partial is not None and partial.filled >= partial.size * 3 // 4:
+                return
+            if partial is None:
+                await trio.sleep(0.02)  # its request not made yet (or the block just stored)
+            else:
+                await partial.changed()
 
     async def _pass(self, snap: Snapshot, source: Source) -> None:
         work = self._missing_blocks(snap)

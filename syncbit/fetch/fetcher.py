@@ -28,6 +28,7 @@ from ..metrics import BYTES, FETCH_SECONDS
 from ..model import FileEntry, block_count, block_span
 from ..sources.base import Source
 from ..sources.retry import Retrier
+from .partial import PartialBlock
 
 log = logging.getLogger(__name__)
 _FROM_SOURCE = BYTES.labels(origin="source")
@@ -37,6 +38,9 @@ _PEER_LATENCY = FETCH_SECONDS.labels(origin="peer")
 # Blocks received and not yet stored, across all runs: bounds the memory of
 # fetching (16 x 4 MiB) whatever the number of runs.
 BLOCKS_IN_MEMORY = 16
+# With peers, source bodies are read in pieces this big, so that the blocks
+# they fill can be relayed to other nodes while they arrive.
+RELAY_CHUNK = 256 * 1024
 
 
 @dataclass
@@ -70,6 +74,11 @@ class Fetcher:
         self.runs = 0
         self.peers = None  # a peer.swarm.Swarm when the agent has peers
         self.on_stored = None  # called with (file object, index, block id) for every block stored
+        # Blocks being received from the source, readable as they arrive (with
+        # peers: ``relaying``), until they are stored.
+        self.relaying = False
+        self.partials: dict[tuple[str, int], PartialBlock] = {}
+        self._stored = trio.Event()  # set and replaced at every block stored
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Service: hosts the background runs that readers start."""
@@ -159,6 +168,30 @@ class Fetcher:
             self._fail(entry, [idx], e)
             raise
 
+    async def fetch_from_relay(self, entry: FileEntry, idx: int, address: str) -> bool:
+        """Fetch block ``idx`` from the node at ``address`` while it arrives there from the source (prefetch).
+
+        Returns False when that node could not give it; the block is then
+        left for a later pass (from its holders by then), not the source.
+        """
+        if not self._claim(entry, idx, idx + 1):
+            return True
+        try:
+            got = await self.peers.from_relay(entry, idx, address)
+            known = self.cache.known_blocks(entry.file_object).get(idx)
+            if got is None or (known is not None and got[1] != known):
+                if got is not None:
+                    log.warning("peer %s relayed block %d of %s as %s, but %s is recorded: dropped", address, idx,
+                                entry.path, got[1], known)
+                self._flights.pop((entry.file_object, idx)).event.set()  # released: a later pass, or a reader
+                return False
+            await self._memory.acquire()
+            await self._complete(entry, idx, got[0], self._memory, trio.current_time(), origin="peer")
+            return True
+        except BaseException as e:
+            self._fail(entry, [idx], e)
+            raise
+
     async def verify_file(self, entry: FileEntry) -> bool:
         """Check a complete file against the whole-file digest its source gave (single flight).
 
@@ -225,6 +258,15 @@ class Fetcher:
             log.error("file failed verification: %s", e)
         except (SyncbitError, OSError) as e:
             log.warning("could not verify %s: %s", entry.path, e)
+
+    @property
+    def busy(self) -> bool:
+        """Some block is being fetched."""
+        return bool(self._flights)
+
+    async def block_stored(self) -> None:
+        """Wait until the next block is stored."""
+        await self._stored.wait()
 
     def in_flight(self, entry: FileEntry, idx: int) -> bool:
         return (entry.file_object, idx) in self._flights
@@ -312,6 +354,9 @@ class Fetcher:
         if isinstance(e, Exception) and claimed:
             log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, claimed[0], claimed[-1], err)
         for i in claimed:
+            partial = self.partials.pop((entry.file_object, i), None)
+            if partial is not None:
+                partial.fail()
             flight = self._flights.pop((entry.file_object, i), None)
             if flight is not None:
                 # A cancelled run leaves no error: waiters simply claim again.
@@ -372,6 +417,28 @@ class Fetcher:
                 del buf[:n]
                 await hand_off(data)
 
+        async def relay_sink(chunk: bytes) -> None:
+            # Each block fills its PartialBlock, which peers read as it fills;
+            # the full buffer itself is what gets stored (no copy).
+            self.bytes_from_source += len(chunk)
+            _FROM_SOURCE.inc(len(chunk))
+            view = memoryview(chunk)
+            while view and todo:
+                partial = self.partials[(entry.file_object, todo[0])]
+                view = view[partial.write(view):]
+                if partial.full:
+                    await hand_off(partial.buf)
+
+        if self.relaying:
+            for i in todo:
+                # A retry starts again at the first missing block: its relays so far end unfinished.
+                old = self.partials.get((entry.file_object, i))
+                if old is None or old.filled:
+                    if old is not None:
+                        old.fail()
+                    self.partials[(entry.file_object, i)] = PartialBlock(block_span(entry.size, self.block_size, i)[1])
+            sink = relay_sink
+            sink.chunk_size = RELAY_CHUNK
         await source.read_range(entry, start, last_start + last_len - start, sink)
         if todo:
             raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")
@@ -384,10 +451,20 @@ class Fetcher:
         except BlockCorrupt as e:
             raise SourceChanged(f"{entry.locator} block {idx}: bytes differ from the ones recorded earlier ({e})") \
                 from None
+        except BaseException:
+            partial = self.partials.pop((entry.file_object, idx), None)
+            if partial is not None:
+                partial.fail()
+            raise
         finally:
             slots.release()
+        partial = self.partials.pop((entry.file_object, idx), None)
+        if partial is not None:
+            partial.stored(bid)
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
+        self._stored.set()
+        self._stored = trio.Event()
         if self.on_stored is not None:
             self.on_stored(entry.file_object, idx, bid)
         (_SOURCE_LATENCY if origin == "source" else _PEER_LATENCY).observe(trio.current_time() - started)

@@ -15,15 +15,17 @@ import trio
 import urllib3
 
 from ..errors import BlockCorrupt
-from ..metrics import PEER_BYTES, PEER_ERRORS
+from ..metrics import PEER_BYTES, PEER_ERRORS, RELAY_BYTES
 from ..model import content_id
 from .auth import auth_headers
 from .ratelimit import RateLimit
+from .server import ID_LENGTH
 
 log = logging.getLogger(__name__)
 
 BAN_SECONDS = 300.0
 MIN_RATE = 1 * 2**20  # bytes/s below which a peer is given up on for a block
+RELAY_SECONDS = 60.0  # a relay goes at the source's pace: given up on only after this long
 
 
 class PeerBusy(Exception):
@@ -46,7 +48,7 @@ class PeerClient:
         self.rate = RateLimit(download_rate)  # bytes/s for all downloads from peers; 0: unlimited
         self.banned: dict[str, float] = {}
         self._pool = urllib3.PoolManager(num_pools=256, maxsize=8, retries=False)
-        self._threads = trio.CapacityLimiter(16)
+        self._threads = trio.CapacityLimiter(40)  # whole blocks, relays, reads
 
     async def aclose(self) -> None:
         self._pool.clear()
@@ -66,23 +68,57 @@ class PeerClient:
         Raises PeerBusy when the peer answered 429, BlockCorrupt (and bans
         the peer) when its bytes are not the block.
         """
-        path = f"/v1/blocks/{block_id}"
+        got = await self._fetch(address, f"/v1/blocks/{block_id}", size, max(5.0, size / MIN_RATE))
+        if got is None:
+            return None
+        data, actual, _ = got
+        if actual != block_id:
+            self._corrupt(address, block_id, actual)
+        return data
+
+    async def fetch_relay(self, address: str, file_object: str, idx: int, size: int) -> tuple[bytes, str] | None:
+        """Block ``idx`` of ``file_object`` from the node fetching it from the source, while it arrives.
+
+        Returns (bytes, block id), the bytes checked against the id the
+        relaying node computed; None if that node cannot give it (any more).
+        Raises PeerBusy (429) and BlockCorrupt (the node is banned).
+        """
+        got = await self._fetch(address, f"/v1/relay/{file_object}/{idx}", size, RELAY_SECONDS, trailer=ID_LENGTH)
+        if got is None:
+            return None
+        data, actual, claimed = got
+        if actual != claimed:
+            self._corrupt(address, f"{file_object}#{idx} (relayed as {claimed[:16]}…)", actual)
+        RELAY_BYTES.labels(direction="download").inc(len(data))
+        return data, actual
+
+    def _corrupt(self, address: str, what: str, got: str) -> None:
+        self.banned[address] = time.monotonic() + BAN_SECONDS
+        PEER_ERRORS.labels(reason="corrupt").inc()
+        log.error("peer %s sent a wrong block for %s (hash %s): banned for %.0fs", address, what, got, BAN_SECONDS)
+        raise BlockCorrupt(f"peer {address} sent bytes that are not block {what}")
+
+    async def _fetch(self, address: str, path: str, size: int, limit: float,
+                     trailer: int = 0) -> tuple[bytes, str, str] | None:
+        """GET ``path`` from ``address``: (block bytes, their BLAKE3 id, the trailer), or None.
+
+        Slower than ``limit`` seconds in all, unreachable or refusing (but 429: PeerBusy): None.
+        """
         headers = auth_headers(self.secret, "GET", path, time.time(), self.node)
-        limit = max(5.0, size / MIN_RATE)  # slower than MIN_RATE: given up on for this block
         await self.rate.take(size)  # booked up front: the limit holds on average over blocks
         try:
             with trio.fail_after(limit + 1.0):  # a peer trickling bytes: its reads never time out
-                status, data, got = await trio.to_thread.run_sync(
-                    self._get, f"http://{address}{path}", headers, size, limit, abandon_on_cancel=True,
+                status, data, got, tail = await trio.to_thread.run_sync(
+                    self._get, f"http://{address}{path}", headers, size, limit, trailer, abandon_on_cancel=True,
                     limiter=self._threads)
         except trio.TooSlowError:
             PEER_ERRORS.labels(reason="slow").inc()
-            log.debug("peer %s too slow for block %s", address, block_id)
+            log.debug("peer %s too slow for %s", address, path)
             return None
         except (urllib3.exceptions.HTTPError, OSError) as e:
             reason = "slow" if isinstance(e, _TooSlow | urllib3.exceptions.TimeoutError) else "unreachable"
             PEER_ERRORS.labels(reason=reason).inc()
-            log.debug("peer %s, block %s: %s: %s", address, block_id, type(e).__name__, e)
+            log.debug("peer %s, %s: %s: %s", address, path, type(e).__name__, e)
             return None
         if status != 200:
             PEER_ERRORS.labels(reason=str(status)).inc()
@@ -91,37 +127,45 @@ class PeerClient:
             if status == 429:
                 raise PeerBusy(address)
             return None
-        if got != block_id:
-            self.banned[address] = time.monotonic() + BAN_SECONDS
-            PEER_ERRORS.labels(reason="corrupt").inc()
-            log.error("peer %s sent a wrong block for %s (hash %s): banned for %.0fs", address, block_id, got,
-                      BAN_SECONDS)
-            raise BlockCorrupt(f"peer {address} sent bytes that are not block {block_id}")
+        if data is None:  # a body of the wrong length
+            PEER_ERRORS.labels(reason="short").inc()
+            return None
         PEER_BYTES.labels(direction="download", peer=address).inc(len(data))
-        return data
+        return data, got, tail
 
-    def _get(self, url: str, headers: dict, size: int, limit: float) -> tuple[int, bytes | None, str | None]:
-        """(status, body, its BLAKE3 id) in a worker thread; raises _TooSlow past ``limit`` seconds."""
+    def _get(self, url: str, headers: dict, size: int, limit: float,
+             trailer: int) -> tuple[int, bytes | None, str | None, str]:
+        """(status, body, its BLAKE3 id, trailer) in a worker thread; raises _TooSlow past ``limit`` seconds.
+
+        The body is ``size`` bytes followed by ``trailer`` bytes of text; None if its length is not that.
+        """
         deadline = time.monotonic() + limit
         r = self._pool.request("GET", url, headers=headers, preload_content=False,
                                timeout=urllib3.Timeout(connect=2.0, read=limit))
         whole = False
+        want = size + trailer
         try:
             if r.status != 200:
                 r.drain_conn()  # a short JSON error: the connection stays usable
                 whole = True
-                return r.status, None, None
+                return r.status, None, None, ""
             buf = bytearray()
             while chunk := r.read(self.READ):
                 buf += chunk
-                if len(buf) > size:
-                    break  # more than a block: the hash check refuses it
+                if len(buf) > want:
+                    break  # more than a block: refused below
                 if time.monotonic() > deadline:
-                    raise _TooSlow(f"under {MIN_RATE} bytes/s")
+                    raise _TooSlow(f"under {size / limit:.0f} bytes/s")
             else:
                 whole = True
+            if len(buf) < want:
+                return 200, None, None, ""
+            if len(buf) > want:  # more than a block: its id will not match
+                return 200, bytes(buf), content_id(buf), ""
+            tail = buf[size:].decode("ascii", "replace")
+            del buf[size:]
             data = bytes(buf)
-            return 200, data, content_id(data)
+            return 200, data, content_id(data), tail
         finally:
             if whole:
                 r.release_conn()

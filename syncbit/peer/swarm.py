@@ -122,6 +122,23 @@ class Swarm:
                     return data, False
         return None, refused
 
+    async def from_relay(self, entry: FileEntry, idx: int, address: str) -> tuple[bytes, str] | None:
+        """Block ``idx`` of ``entry`` from the node fetching it from the source, as it arrives: (bytes, id).
+
+        None when that node cannot give it (busy, finished, failed, wrong
+        bytes): the block is then asked about again later, when it has holders.
+        """
+        if not self.client.usable(address):
+            return None
+        size = block_span(entry.size, self.block_size, idx)[1]
+        try:
+            got = await self.client.fetch_relay(address, entry.file_object, idx, size)
+        except (BlockCorrupt, PeerBusy):
+            return None
+        if got is not None:
+            _FROM_PEERS.inc(len(got[0]))
+        return got
+
     async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: set[int], deliver) -> set[int]:
         """Fetch the blocks that have holders (adding them to ``got``); returns those every holder refused as busy."""
         busy: set[int] = set()

@@ -481,6 +481,9 @@ class ControlPlane:
         (``"wait_for"``) and ask again, to take it from that node. ``grants``
         bounds how many blocks one lookup hands out (the first ones in the
         asker's order); the others nobody holds are answered without a claim.
+        With or without ``claim``, a block nobody holds that another node is
+        fetching names that node's peer address as ``"relay"``: it passes the
+        block on while it arrives.
         """
         if not isinstance(items, list) or len(items) > 10_000 or not all(
                 isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and isinstance(it[1], int)
@@ -507,12 +510,16 @@ class ControlPlane:
                                        self.node_meta[n].get("uploads", 0)))
             item = {"id": ids.get(fo, {}).get(idx),
                     "peers": [self.node_meta[n]["peer_address"] for n in usable[:self.MAX_PEERS]]}
-            if claim and not usable:
+            if not usable:
                 now = time.monotonic()
                 holder = self.claims.get((fo, idx))
                 if holder is not None and holder[0] != asker and holder[1] > now and self._is_up(holder[0]):
-                    item["wait_for"] = holder[0]
-                elif grants is None or granted < grants:
+                    relay = self.node_meta.get(holder[0], {})
+                    if relay.get("peer_address") and relay.get("block_size") == bs:
+                        item["relay"] = relay["peer_address"]  # it can pass the block on as it arrives
+                    if claim:
+                        item["wait_for"] = holder[0]
+                elif claim and (grants is None or granted < grants):
                     self.claims[(fo, idx)] = (asker, now + self.CLAIM_SECONDS)
                     item["source"] = True
                     granted += 1

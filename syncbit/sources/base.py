@@ -19,6 +19,15 @@ from ..model import FileEntry, Snapshot
 # Receives the bytes of a range in order, in chunks of any size.
 Sink = Callable[[bytes], Awaitable[None]]
 
+
+def chunk_size(sink: Sink, default: int) -> int:
+    """How much a source should read before handing it to ``sink``.
+
+    A sink may ask for smaller pieces with a ``chunk_size`` attribute (the
+    fetcher does, with peers: peers read each block while it arrives).
+    """
+    return getattr(sink, "chunk_size", default)
+
 # scheme -> (module, class, install hint). Imported lazily so that a missing
 # optional dependency only matters to users of that scheme.
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {

@@ -21,7 +21,7 @@ import trio
 
 from ..errors import AccessDenied, MalformedURI, SourceChanged, SourceError, SourceNotFound, TemporarySourceError
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
-from .base import Sink, Source
+from .base import Sink, Source, chunk_size
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -111,8 +111,9 @@ class FileSource(Source):
         try:
             self._check(fd, entry)
             pos, end = offset, offset + length
+            piece = chunk_size(sink, _CHUNK)
             while pos < end:
-                chunk = await trio.to_thread.run_sync(os.pread, fd, min(_CHUNK, end - pos), pos, limiter=_IO)
+                chunk = await trio.to_thread.run_sync(os.pread, fd, min(piece, end - pos), pos, limiter=_IO)
                 if not chunk:
                     raise SourceChanged(f"{entry.locator} is shorter than the snapshot says")
                 await sink(chunk)

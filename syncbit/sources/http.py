@@ -38,7 +38,7 @@ from ..errors import (
     collapse_groups,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
-from .base import Sink, Source
+from .base import Sink, Source, chunk_size
 from .retry import retry_within
 
 log = logging.getLogger(__name__)
@@ -343,13 +343,14 @@ def deliver_range(r, url: str, offset: int, length: int, sink: Sink, *, check) -
         else:
             raise SourceError(f"unexpected HTTP {r.status} for {url}")
         remaining = length
+        piece = chunk_size(sink, _CHUNK)
         while skip:
             chunk = r.read(min(skip, _CHUNK))
             if not chunk:
                 break
             skip -= len(chunk)
         while remaining:
-            chunk = r.read(min(remaining, _CHUNK))
+            chunk = r.read(min(remaining, piece))
             if not chunk:
                 raise TemporarySourceError(f"{url}: body ended {remaining} bytes short of the requested range")
             trio.from_thread.run(sink, chunk)

@@ -34,7 +34,7 @@ from ..errors import (
     AccessDenied, MalformedURI, SourceChanged, SourceError, SourceNotFound, TemporarySourceError,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
-from .base import Sink, Source
+from .base import Sink, Source, chunk_size
 from .retry import retry_within
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,9 @@ class S3Source(Source):
                 raise SourceChanged(f"s3://{self.bucket}/{entry.locator} is {total} bytes now, "
                                     f"{entry.size} in the snapshot")
             remaining = length
+            piece = chunk_size(sink, _CHUNK)
             while remaining:
-                chunk = body.read(min(remaining, _CHUNK))
+                chunk = body.read(min(remaining, piece))
                 if not chunk:
                     raise TemporarySourceError(f"s3://{self.bucket}/{entry.locator}: body ended {remaining} "
                                                "bytes short of the requested range")

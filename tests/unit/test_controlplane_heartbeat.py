@@ -119,6 +119,22 @@ async def test_announced_block_is_served_by_its_holder_before_any_heartbeat_bitm
     assert plane.store.manifest([fo]) == {fo: {0: "ab" * 32}}
 
 
+async def test_a_block_being_fetched_is_offered_for_relay_by_the_node_fetching_it(plane):
+    peer_beat(plane, "n1", "10.0.0.1:7071")
+    peer_beat(plane, "n2", "10.0.0.2:7071")
+    fo = first_block(plane)
+    assert plane.lookup("n2", [[fo, 0]], claim=True)[0]["source"] is True
+    # Asked without a claim (the relay stream) or with one (a source worker): n2 relays it as it arrives.
+    assert plane.lookup("n1", [[fo, 0]])[0] == {"id": None, "peers": [], "relay": "10.0.0.2:7071"}
+    assert plane.lookup("n1", [[fo, 0]], claim=True)[0]["relay"] == "10.0.0.2:7071"
+    assert "relay" not in plane.lookup("n2", [[fo, 0]])[0], "never the asker itself"
+    plane.node_meta["n2"]["block_size"] = 2**20
+    assert "relay" not in plane.lookup("n1", [[fo, 0]])[0], "another block size: not the same blocks"
+    plane.node_meta["n2"]["block_size"] = plane.node_meta["n1"]["block_size"]
+    plane.have("n2", [[fo, 0, "ab" * 32]])
+    assert plane.lookup("n1", [[fo, 0]])[0] == {"id": "ab" * 32, "peers": ["10.0.0.2:7071"]}, "held: no relay"
+
+
 async def test_announcement_with_a_conflicting_id_is_refused_and_names_nobody(plane):
     peer_beat(plane, "n1", "10.0.0.1:7071")
     peer_beat(plane, "n2", "10.0.0.2:7071")

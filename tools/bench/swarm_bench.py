@@ -516,6 +516,10 @@ class Agent:
             if m:
                 out[f"peer_{m.group(1)}"] = out.get(f"peer_{m.group(1)}", 0.0) + float(m.group(2))
                 continue
+            m = re.match(r'syncbit_agent_relay_bytes_total\{direction="(\w+)"\} (\S+)', line)
+            if m:
+                out[f"relay_{m.group(1)}"] = float(m.group(2))
+                continue
             m = re.match(r'syncbit_agent_peer_errors_total\{reason="([^"]+)"\} (\S+)', line)
             if m:
                 out[f"err_{m.group(1)}"] = float(m.group(2))
@@ -1039,7 +1043,7 @@ def report(bench: Bench, args, header: list[str], out=sys.stdout) -> list[dict]:
                      f"cores over the run; per agent {', '.join(f'{v:.1f}' for v in cpu.values())}), control "
                      f"plane {x['cpu_control_plane']:.1f}s; {os.cpu_count()} CPUs")
         notes.append(f"{tag}: per node: assignment applied / ready (s after the PUT), MB from the source / "
-                     f"from peers / sent to peers, peer errors")
+                     f"from peers (of which relayed while arriving) / sent to peers, peer errors")
         for n in bench.names:
             m = x["metrics"].get(n, {})
             errs = ", ".join(f"{k[4:]} {int(v)}" for k, v in sorted(m.items()) if k.startswith("err_") and v)
@@ -1047,7 +1051,8 @@ def report(bench: Bench, args, header: list[str], out=sys.stdout) -> list[dict]:
             gs = (f"   {len(g)} source GETs at " + ", ".join(f"{t:.1f}s ({b / MiB:.0f} MiB)" for t, b in g[:6])
                   + (", ..." if len(g) > 6 else "")) if g else ""
             notes.append(f"    {n}: {x['assigned'][n]:5.2f} / {s.per_node[n]:5.1f}   src {m.get('source', 0) / MB:6.1f}  "
-                         f"peers {m.get('peer', 0) / MB:6.1f}  up {m.get('peer_upload', 0) / MB:6.1f}"
+                         f"peers {m.get('peer', 0) / MB:6.1f} ({m.get('relay_download', 0) / MB:5.1f})  "
+                         f"up {m.get('peer_upload', 0) / MB:6.1f}"
                          + (f"   errors: {errs}" if errs else "") + gs)
         phases = syncbit_phases(s, bench.names, F, B)
         if phases:
