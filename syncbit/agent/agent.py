@@ -411,32 +411,35 @@ class Agent:
 
     async def _from_peers(self, snap: Snapshot, source: Source, source_done: trio.Event) -> None:
         """Take from peers what this node lacks, until the source pass is done and peers hold nothing
-        more that this node lacks.
+        more that this node lacks, and nobody fetches anything it lacks.
 
-        Two streams. Relays (``_relays``): every block another node is
-        fetching from the source is taken from that node as it arrives
-        there. Whole blocks (below), rarest first: one tracker lookup covers
-        a window of the missing blocks (in this node's random order); the
-        held ones are taken with the fewest holders first (ties in that
-        order), a batch at a time, so no holder stays the only source of
-        anything for long. The next lookup is made as soon as the batch is
-        under way. A block no holder gives (dead, refusing, corrupt) goes the
-        way of a read: the next holder the tracker names, else the source.
+        Each turn, one tracker lookup covers a window of the missing blocks
+        (in this node's random order), and starts two kinds of fetches:
 
-        Whole blocks give way on this node's link: the source streams (this
-        node's and those relayed from others) set the pace of the whole
-        swarm, and every TCP stream beside them takes a share of the link.
-        So at most ``_PEER_FETCHES`` less the relays and source streams in
-        progress are fetched at once (at least one).
+        - relays: every block another node is fetching from the source is
+          taken from that node as it arrives there, ``_RELAY_FETCHES`` at a
+          time. A relay that fails leaves the block for a later turn, when
+          it has holders.
+        - whole blocks, rarest first: of the blocks some peer holds, those
+          with the fewest holders first (ties in the window's order), so no
+          holder stays the only source of anything for long. They give way
+          on the link: the source streams (this node's, and those relayed
+          from others) set the pace of the whole swarm, and every TCP stream
+          beside them takes a share of the link, so at most
+          ``_PEER_FETCHES`` less the relays and source streams in progress
+          run at once (at least one). A block no holder gives (dead,
+          refusing, corrupt) goes the way of a read: the next holder the
+          tracker names, else the source.
+
+        The next turn comes when a block is stored, or after ``PEER_POLL``.
         """
         slots = trio.Semaphore(_PEER_FETCHES)
         relay_slots = trio.Semaphore(_RELAY_FETCHES)
-        relays_done = trio.Event()
 
         def pacing_streams() -> int:
             return (_RELAY_FETCHES - relay_slots.value) + self._source_limiter.borrowed_tokens
 
-        async def one(entry, idx: int, block_id: str, addresses: list[str]) -> None:
+        async def whole(entry, idx: int, block_id: str, addresses: list[str]) -> None:
             try:
                 outcome = await self.fetcher.fetch_from_peers(entry, idx, block_id, addresses)
                 if outcome == "busy":
@@ -446,73 +449,45 @@ class Agent:
             finally:
                 slots.release()
 
+        async def relayed(entry, idx: int, address: str) -> None:
+            try:
+                await self.fetcher.fetch_from_relay(entry, idx, address)
+            finally:
+                relay_slots.release()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._relays, snap, source_done, relay_slots, relays_done)
             while self.missing_bytes(snap):
                 window = list(itertools.islice(
                     ((e, i) for e, i in self._missing_blocks(snap) if not self.fetcher.in_flight(e, i)),
                     _RAREST_WINDOW))
                 answers = await self.link.lookup_items([(e.file_object, i) for e, i in window])
+                relays = [(e, i, a["relay"]) for (e, i), a in zip(window, answers) if a is not None and a.get("relay")]
+                for e, i, address in relays:
+                    if not relay_slots.value:
+                        break
+                    if not self.fetcher.in_flight(e, i):
+                        relay_slots.acquire_nowait()
+                        nursery.start_soon(relayed, e, i, address)
                 held = sorted((len(a["peers"]), n, e, i, a) for n, ((e, i), a) in enumerate(zip(window, answers))
                               if a is not None and a.get("id") and a.get("peers"))
-                if not held:
-                    if source_done.is_set() and relays_done.is_set() and slots.value == _PEER_FETCHES:
-                        return  # nothing held that we lack, nothing coming: the round is over
-                    await self._pause(snap, self.PASS_PAUSE)
-                    continue
-                for _, _, entry, idx, a in held[:_RAREST_BATCH]:
-                    while _PEER_FETCHES - slots.value >= max(1, _PEER_FETCHES - pacing_streams()):
-                        await trio.sleep(0.05)
-                    await slots.acquire()
-                    if self.fetcher.in_flight(entry, idx):
-                        slots.release()  # relayed meanwhile
-                        continue
-                    nursery.start_soon(one, entry, idx, a["id"], a["peers"])
+                for _, _, e, i, a in held[:_RAREST_BATCH]:
+                    if _PEER_FETCHES - slots.value >= max(1, _PEER_FETCHES - pacing_streams()):
+                        break
+                    if not self.fetcher.in_flight(e, i):
+                        slots.acquire_nowait()
+                        nursery.start_soon(whole, e, i, a["id"], a["peers"])
+                if (not held and not relays and source_done.is_set() and slots.value == _PEER_FETCHES
+                        and relay_slots.value == _RELAY_FETCHES):
+                    return  # nothing held that we lack, nothing coming: the round is over
+                with trio.move_on_after(self.PEER_POLL):
+                    await self.fetcher.block_stored()
+                await trio.sleep(self.TURN_GAP)
 
-    # How often the tracker is asked which missing blocks other nodes are fetching. A relay
-    # that starts late loses nothing: what arrived meanwhile is sent at once.
-    RELAY_POLL = 0.2
-
-    async def _relays(self, snap: Snapshot, source_done: trio.Event, slots: trio.Semaphore,
-                      done: trio.Event) -> None:
-        """Take every missing block another node is fetching from the source from that node,
-        as it arrives there (``Fetcher.fetch_from_relay``), ``_RELAY_FETCHES`` at a time.
-
-        Ends (setting ``done``) when nothing is missing, or when this node's
-        source pass is over, no relay is in progress and no other node is
-        fetching what this node lacks: what is left then has holders, and
-        the whole-block stream takes it.
-        """
-        async def relayed(entry, idx: int, address: str) -> None:
-            try:
-                await self.fetcher.fetch_from_relay(entry, idx, address)
-            finally:
-                slots.release()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                while self.missing_bytes(snap):
-                    if not slots.value:
-                        await self._pause(snap, self.RELAY_POLL)  # every relay slot busy: nothing to ask yet
-                        continue
-                    window = list(itertools.islice(
-                        ((e, i) for e, i in self._missing_blocks(snap) if not self.fetcher.in_flight(e, i)),
-                        _RAREST_WINDOW))
-                    answers = await self.link.lookup_items([(e.file_object, i) for e, i in window])
-                    relayed_now = [(e, i, a["relay"]) for (e, i), a in zip(window, answers)
-                                   if a is not None and a.get("relay")]
-                    if not relayed_now and source_done.is_set() and slots.value == _RELAY_FETCHES:
-                        return  # nobody is fetching what we lack: the rest has holders
-                    for e, i, address in relayed_now:
-                        if not self.fetcher.in_flight(e, i):
-                            await slots.acquire()
-                            if not self.fetcher.in_flight(e, i):
-                                nursery.start_soon(relayed, e, i, address)
-                            else:
-                                slots.release()
-                    await self._pause(snap, self.RELAY_POLL)
-        finally:
-            done.set()
+    # The tracker is asked again when a block is stored, at least this often (a relay
+    # that starts late loses nothing: what arrived meanwhile is sent at once), and at most
+    # every TURN_GAP.
+    PEER_POLL = 0.2
+    TURN_GAP = 0.05
 
     async def _pause(self, snap: Snapshot, seconds: float) -> None:
         """Sleep up to ``seconds``; return early once nothing of ``snap`` is missing.
