@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 BAN_SECONDS = 300.0
 MIN_RATE = 1 * 2**20  # bytes/s below which a peer is given up on for a block
-RELAY_SECONDS = 60.0  # a relay goes at the source's pace: given up on only after this long
+RELAY_SECONDS = 30.0  # a relay goes at the source's pace: given up on only after this long (a claim's life)
 
 
 class PeerBusy(Exception):
@@ -186,6 +186,8 @@ class PeerClient:
             view.release()
             if got < want:
                 return 200, None, None, ""
+            if r.length is None and r.read(1):  # chunked (a relay), and more than the block: not it
+                return 200, bytearray(), content_id(b"more than the block"), ""
             keep = not r.will_close and r.isclosed()
             del buf[size:]
             return 200, buf, content_id(buf), tail

@@ -8,8 +8,8 @@ cache, so blocks flow on down a chain while the file is still arriving.
 
 ``GET /v1/relay/<file object>/<index>`` serves a block this node is fetching
 from the source while it arrives (cut-through), followed by its 64-character
-BLAKE3 id once this node has hashed and stored it; the asker checks the
-bytes against that id. Relays have their own slots: they run at the source's
+BLAKE3 id once this node has hashed and stored it, chunked; the asker checks
+the bytes against that id. A relay whose source fetch fails ends early. Relays have their own slots: they run at the source's
 pace, and must not take the slots of whole blocks.
 """
 
@@ -86,16 +86,18 @@ class PeerServer:
             key = (fo, int(idx))
             partial = self.partials.get(key)
             if partial is not None:
-                body, size = self._arriving(partial), partial.size
+                body = self._arriving(partial)
             else:  # stored meanwhile (or never fetched here): the whole block, if held
                 bid = self.cache.present_block(*key)
                 data = self._read(bid) if bid is not None else None
                 if data is None:
                     return _error(404, "not found", "block neither arriving nor held")
-                body, size = self._whole(data, bid.encode()), len(data)
+                body = self._whole(data, bid.encode())
             if not _take(self.relay_slots):
                 return _error(429, "busy", "all relay slots in use")
-            return self._stream(request, body, size + ID_LENGTH, self.relay_slots)
+            # No Content-Length (chunked): a relay whose source fetch fails ends early and
+            # cleanly, and the asker sees fewer bytes than the block and its id.
+            return self._stream(request, body, None, self.relay_slots)
 
         return Starlette(routes=[Route("/v1/blocks/{id}", block), Route("/v1/relay/{fo}/{idx}", relay)])
 
@@ -104,7 +106,7 @@ class PeerServer:
             return None
         return _error(401, "unauthorized", "missing or bad cluster signature")
 
-    def _stream(self, request: Request, body, length: int, slots: trio.Semaphore) -> StreamingResponse:
+    def _stream(self, request: Request, body, length: int | None, slots: trio.Semaphore) -> StreamingResponse:
         """Send ``body``'s chunks, rate limited, holding an upload slot of ``slots`` until the last byte
         is sent (or the peer hangs up)."""
         self.active += 1
@@ -121,7 +123,7 @@ class PeerServer:
                 slots.release()
 
         return StreamingResponse(limited(), media_type="application/octet-stream",
-                                 headers={"content-length": str(length)})
+                                 headers={"content-length": str(length)} if length is not None else None)
 
     async def _whole(self, data: bytes, trailer: bytes = b""):
         view = memoryview(data)
@@ -136,7 +138,7 @@ class PeerServer:
         while True:
             if partial.failed:
                 log.debug("relayed block failed at the source after %d bytes: ending the relay short", sent)
-                return  # fewer bytes than the Content-Length: the asker sees a broken body
+                return  # fewer bytes than the block and its id: the asker drops them
             if sent < partial.filled:
                 end = min(partial.filled, sent + self.CHUNK)
                 chunk = memoryview(partial.buf)[sent:end]  # bytes below ``filled`` never change

@@ -50,8 +50,8 @@ class Swarm:
         them) go to ``fetch_source(idxs)`` at once, beside the rest.
 
         For a read (``prefetch`` false) blocks another node is fetching are
-        asked for again, long-polling the tracker until that node announces
-        it has them, and blocks whose holders are all busy shortly after (the
+        taken from it as they arrive there (relays), else asked for again,
+        long-polling the tracker until that node announces it has them, and blocks whose holders are all busy shortly after (the
         holders grow as nodes announce what they store); we give up waiting
         (and the caller goes to the source) only after ``WAIT_FOR_CLAIM``
         seconds without any block arriving.
@@ -82,6 +82,7 @@ class Swarm:
                     out_of_reach = [i for i in pending if answers.get(i, {}).get("wait_for")]
                     release(out_of_reach)
                     pending = [i for i in pending if i not in out_of_reach]
+                    answers = {i: a for i, a in answers.items() if i not in out_of_reach}
                 before = len(got)
                 with collapse_groups():
                     busy = await self._fetch_from(entry, answers, got, deliver)
@@ -140,7 +141,8 @@ class Swarm:
         return got
 
     async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: set[int], deliver) -> set[int]:
-        """Fetch the blocks that have holders (adding them to ``got``); returns those every holder refused as busy."""
+        """Fetch the blocks that have holders, and those another node relays as they arrive there
+        (adding them to ``got``); returns those every holder refused as busy."""
         busy: set[int] = set()
 
         async def one(idx: int, block_id: str, addresses: list[str]) -> None:
@@ -151,8 +153,19 @@ class Swarm:
             elif refused:
                 busy.add(idx)  # held, and someone will have a free slot: not a job for the source
 
+        async def relayed(idx: int, address: str, recorded: str | None) -> None:
+            relay = await self.from_relay(entry, idx, address)
+            if relay is not None and recorded in (None, relay[1]):
+                got.add(idx)
+                await deliver(idx, relay[0])
+            # else: still being fetched by that node; asked about again (long poll)
+
         async with trio.open_nursery() as nursery:
             for idx, a in answers.items():
-                if a.get("id") and a.get("peers") and idx not in got:
+                if idx in got:
+                    continue
+                if a.get("id") and a.get("peers"):
                     nursery.start_soon(one, idx, a["id"], a["peers"])
+                elif a.get("relay"):
+                    nursery.start_soon(relayed, idx, a["relay"], a.get("id"))
         return busy

@@ -8,6 +8,7 @@ block is whole can be observed.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import httpx
@@ -96,7 +97,7 @@ async def test_a_relay_that_flips_a_byte_is_banned_and_its_bytes_refused(cache):
     await client.aclose()
 
 
-async def test_a_relay_whose_source_fetch_fails_ends_short_and_gives_nothing(cache):
+async def test_a_relay_whose_source_fetch_fails_ends_short_and_gives_nothing(cache, caplog):
     partials = {(FO, 1): (p := PartialBlock(SIZE))}
     client = PeerClient(SECRET, "relay-asker-3")
     got = []
@@ -116,6 +117,7 @@ async def test_a_relay_whose_source_fetch_fails_ends_short_and_gives_nothing(cac
         nursery.cancel_scope.cancel()
     assert got == [None]
     assert client.usable(address), "a failed source is not the relay's fault: not banned"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "ended cleanly, not as a server error"
     await client.aclose()
 
 

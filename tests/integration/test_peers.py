@@ -204,3 +204,39 @@ def test_upload_rate_limit_holds(tmp_path, origin_factory, server_factory, agent
     assert origin.bytes_sent == sent  # all from n0
     assert took >= 2.5, f"3 MiB at 1 MiB/s took {took:.2f}s"
     assert (n1.mnt / "d" / "w.bin").read_bytes() == files["w.bin"]
+
+
+def agent_metrics(agent) -> dict[str, float]:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.sock))) as c:
+        text = c.get("http://a/metrics").text
+    return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
+
+def test_a_reader_takes_a_block_another_node_is_fetching_as_it_arrives_there(tmp_path, origin_factory,
+                                                                             server_factory, agent_factory):
+    """Two nodes read the same cold file through their mounts (no prefetch): blocks that one node is
+    still receiving from a slow origin reach the other by relay, and leave the origin once."""
+    import threading
+
+    files = {"w.bin": random.Random(10).randbytes(16 * BS)}  # 4 MiB
+    origin = origin_factory(write_tree(tmp_path / "src", files))
+    origin.rate = 1 * 2**20  # per response: each block is in flight at its fetcher for a while
+    server = server_factory()
+    agents = peer_agents(agent_factory, server, tmp_path, ["n0", "n1"])
+    for a in agents.values():  # registered unpinned: only the read path fetches
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(a.sock)), timeout=30) as c:
+            c.post("http://a/v1/datasets", json={"name": "d", "uri": origin.url, "pin": False}).raise_for_status()
+    out = {}
+
+    def read(name):
+        out[name] = (agents[name].mnt / "d" / "w.bin").read_bytes()
+
+    first = threading.Thread(target=read, args=("n0",))
+    first.start()
+    time.sleep(1.0)  # n0 has a run of blocks in flight from the origin
+    read("n1")
+    first.join(60)
+    assert out == {"n0": files["w.bin"], "n1": files["w.bin"]}
+    relayed = agent_metrics(agents["n1"]).get('syncbit_agent_relay_bytes_total{direction="download"}', 0.0)
+    assert relayed >= BS, "n1 took at least one block from n0 while n0 was receiving it"
+    assert origin.bytes_sent <= 1.25 * len(files["w.bin"]), f"origin sent {origin.bytes_sent} bytes"
