@@ -145,7 +145,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             raise ConfigError("version must be an integer and timeout a number of seconds") from None
         with trio.move_on_after(timeout):
             while cp.version == since:
-                await cp.changed.wait()
+                await cp.desired_changed.wait()
         return JSONResponse({"version": cp.version, "epoch": cp.epoch, "desired": cp.desired(name)})
 
     async def list_datasets(request: Request):

@@ -60,6 +60,7 @@ class ControlPlane:
         self.heartbeat_interval = heartbeat_interval
         self.live: dict[str, Liveness] = {}
         self.changed = trio.Event()  # fires on any placement or node state change (wait, status)
+        self.desired_changed = trio.Event()  # fires when the version (what desired() answers) changes
         self.heartbeats = 0
         # Heartbeat fast path: answers and reports cached in memory, so a steady
         # node's heartbeat reads and writes nothing (see tools/bench/cp_scale_bench.py).
@@ -101,6 +102,10 @@ class ControlPlane:
     def _notify(self) -> None:
         """Placements, datasets or assignments changed: desired() answers are recomputed."""
         self.version += 1
+        # Its own event: agents long-poll their desired state, one request each, and must
+        # not all wake at every progress report that wakes ``changed``.
+        self.desired_changed.set()
+        self.desired_changed = trio.Event()
         self._wake()
 
     def _wake(self) -> None:

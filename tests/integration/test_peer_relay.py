@@ -48,6 +48,24 @@ async def serve(nursery, cache, partials, **kw) -> tuple[PeerServer, str]:
     return server, address
 
 
+def ask(nursery, client: PeerClient, address: str, idx: int) -> list:
+    """Ask for block ``idx`` by relay in the background; the answer lands in the list returned."""
+    got: list = []
+
+    async def fetch():
+        got.append(await client.fetch_relay(address, FO, idx, SIZE))
+
+    nursery.start_soon(fetch)
+    return got
+
+
+async def answer(got: list):
+    with trio.fail_after(10):
+        while not got:
+            await trio.sleep(0.01)
+    return got[0]
+
+
 def uploaded_to(peer: str) -> float:
     return PEER_BYTES.labels(direction="upload", peer=peer)._value.get()
 
@@ -55,14 +73,9 @@ def uploaded_to(peer: str) -> float:
 async def test_a_block_is_relayed_while_it_arrives_then_checked_against_the_relays_id(cache):
     partials = {(FO, 3): (p := PartialBlock(SIZE))}
     client = PeerClient(SECRET, "relay-asker-1")
-    got = []
     async with trio.open_nursery() as nursery:
         _, address = await serve(nursery, cache, partials)
-
-        async def ask():
-            got.append(await client.fetch_relay(address, FO, 3, SIZE))
-
-        nursery.start_soon(ask)
+        got = ask(nursery, client, address, 3)
         before = uploaded_to("relay-asker-1")
         p.write(memoryview(DATA)[:2**20])
         # Cut-through: the first MiB reaches the asker while the rest has not arrived here yet.
@@ -74,11 +87,8 @@ async def test_a_block_is_relayed_while_it_arrives_then_checked_against_the_rela
         await trio.sleep(0.2)
         assert not got, "the asker waits for the id, sent once the relay has stored the block"
         p.stored(content_id(DATA))
-        with trio.fail_after(10):
-            while not got:
-                await trio.sleep(0.01)
+        assert await answer(got) == (DATA, content_id(DATA))
         nursery.cancel_scope.cancel()
-    assert got == [(DATA, content_id(DATA))]
     await client.aclose()
 
 
@@ -100,22 +110,14 @@ async def test_a_relay_that_flips_a_byte_is_banned_and_its_bytes_refused(cache):
 async def test_a_relay_whose_source_fetch_fails_ends_short_and_gives_nothing(cache, caplog):
     partials = {(FO, 1): (p := PartialBlock(SIZE))}
     client = PeerClient(SECRET, "relay-asker-3")
-    got = []
     async with trio.open_nursery() as nursery:
         _, address = await serve(nursery, cache, partials)
-
-        async def ask():
-            got.append(await client.fetch_relay(address, FO, 1, SIZE))
-
-        nursery.start_soon(ask)
+        got = ask(nursery, client, address, 1)
         p.write(memoryview(DATA)[:100_000])
         await trio.sleep(0.3)
         p.fail()  # the source broke off: the relay must not pass on a block that never completed
-        with trio.fail_after(10):
-            while not got:
-                await trio.sleep(0.01)
+        assert await answer(got) is None
         nursery.cancel_scope.cancel()
-    assert got == [None]
     assert client.usable(address), "a failed source is not the relay's fault: not banned"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "ended cleanly, not as a server error"
     await client.aclose()

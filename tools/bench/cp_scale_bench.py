@@ -680,6 +680,7 @@ class Bench:
         self.samples: list[Sample] = []
         self.errors: list[str] = []
         self.stop_periodic = False
+        self.desired_answers = 0  # long-poll answers (each agent holds one poll of its desired state)
         self.rng = random.Random(args.seed)
         self.bitmaps: BitmapPool | None = None
         self.steps: list[Step] = []
@@ -820,11 +821,33 @@ class Bench:
             self.samples.append(Sample(issued, time.monotonic(), kind, ok, late, node.index))
             due = max(due + interval, time.monotonic())
 
+    async def desired_loop(self, node: SimNode) -> None:
+        """What every agent does beside its heartbeats: hold one long poll of its desired state
+        (``GET /v1/nodes/NAME/desired``), on a connection of its own."""
+        conn = Pool("127.0.0.1", self.server.port, 1, max_idle=60.0)
+        version = -1
+        try:
+            while not self.stop_periodic:
+                try:
+                    status, data = await conn.request(
+                        "GET", f"/v1/nodes/{node.name}/desired?version={version}&timeout=30", timeout=45.0)
+                    if status == 200:
+                        version = json.loads(data)["version"]
+                        self.desired_answers += 1
+                    else:
+                        await asyncio.sleep(self.args.interval)
+                except HttpError:
+                    await asyncio.sleep(self.args.interval)
+        finally:
+            conn.close()
+
     def start_nodes(self, nodes: list[SimNode]) -> None:
         self.stop_periodic = False
         t0 = time.monotonic()
         for node in nodes:
             self.tasks.append(asyncio.create_task(self.node_loop(node, t0 + self.rng.uniform(0, self.args.interval))))
+            if self.args.long_poll:
+                self.tasks.append(asyncio.create_task(self.desired_loop(node)))
 
     async def scrape(self) -> tuple[dict[float, float], float]:
         t = time.monotonic()
@@ -919,6 +942,8 @@ class Bench:
         step.handler_p99, _ = hist_quantile(h0, h1, 0.99)
         if len(self.errors) > errors0:
             log(f"  {len(self.errors) - errors0} errors, e.g. {self.errors[errors0]}")
+        if self.args.long_poll:
+            log(f"  {n} desired-state long polls held beside the heartbeats ({self.desired_answers} answers so far)")
         log(f"  window {d['dt']:.1f}s: {step.achieved:.1f}/{step.offered:.1f} hb/s, p50 {_ms(step.p50)} ms, "
             f"p99 {_ms(step.p99)} ms, max {_ms(step.pmax)} ms; server CPU {step.srv_cpu:.0%} (runnable but waiting "
             f"{step.runq:.0%}), RSS {_mb(step.rss)} MB; load generator CPU {step.me_cpu:.0%}")
@@ -1398,6 +1423,8 @@ def main() -> int:
     p.add_argument("--profile", metavar="PREFIX",
                    help="py-spy the server at the largest step: PREFIX-steady.txt, PREFIX-join.txt (raw stacks); "
                         "summaries under the table")
+    p.add_argument("--no-long-poll", dest="long_poll", action="store_false",
+                   help="simulated nodes do not hold a long poll of their desired state (agents do)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="parent of the work directory")
     p.add_argument("--json", help="also write the results as JSON to this file")
