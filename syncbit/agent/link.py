@@ -49,6 +49,9 @@ class ControlPlaneLink:
         # time, and never one older than the last applied (same server epoch).
         self._applying = trio.Lock()
         self._applied: tuple[str | None, int] = (None, -1)
+        # Whether the control plane wants a long poll from this node (heartbeat answers say).
+        self.long_poll = False
+        self._long_poll_on = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.agent.cache.report_learned = True
@@ -86,18 +89,24 @@ class ControlPlaneLink:
             except (httpx.HTTPError, OSError) as e:
                 log.debug("could not announce %d blocks to the tracker: %s", len(blocks), e)
 
-    DESIRED_POLL = 30.0  # seconds the control plane holds a desired-state request without news
+    DESIRED_POLL = 50.0  # seconds the control plane holds a desired-state request without news (at most)
 
     async def _follow_desired(self) -> None:
         """Long-poll this node's desired datasets, so that an assignment starts here at once
         rather than at the next heartbeat (every 5 s by default).
 
-        Heartbeats still carry the same answer: this is only the fast path. A
-        control plane without the endpoint (404) is left to the heartbeats.
+        Heartbeats still carry the same answer: this is only the fast path,
+        taken while heartbeat answers say ``long_poll`` (the control plane
+        turns it off in large clusters, where a held request per node costs
+        it more than it saves). A control plane without the endpoint (404) is
+        left to the heartbeats.
         """
         node = self.agent.config.node_name
         version = -1
         while True:
+            if not self.long_poll:
+                await self._long_poll_on.wait()  # a large cluster: heartbeats only, until told otherwise
+                version = -1
             try:
                 r = await self._http.get(f"/v1/nodes/{node}/desired",
                                          params={"version": version, "timeout": self.DESIRED_POLL},
@@ -108,7 +117,8 @@ class ControlPlaneLink:
                 r.raise_for_status()
                 answer = r.json()
                 version = answer["version"] if isinstance(answer["version"], int) else -1
-                await self._apply_desired(answer["desired"], answer.get("epoch"), version)
+                if not answer.get("unchanged"):
+                    await self._apply_desired(answer["desired"], answer.get("epoch"), version)
             except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
                 log.debug("desired-state long poll: %s: %s", type(e).__name__, e)
                 version = -1
@@ -162,6 +172,12 @@ class ControlPlaneLink:
             log.error("control plane refused block %s of file object %s (cluster has %s): source changed?",
                       idx, fo, recorded)
             self.agent.cache.forget_file_object(fo)
+        allowed = answer.get("long_poll") is True
+        if allowed and not self.long_poll:
+            self._long_poll_on.set()
+        elif not allowed and self.long_poll:
+            self._long_poll_on = trio.Event()
+        self.long_poll = allowed
         interval = answer.get("heartbeat_interval")
         if isinstance(interval, int | float) and 0.2 <= interval <= 300:
             self.interval = float(interval)

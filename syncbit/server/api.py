@@ -143,10 +143,10 @@ def build_app(cp: ControlPlane) -> Starlette:
             timeout = min(MAX_WAIT, max(0.0, float(request.query_params.get("timeout", "0"))))
         except ValueError:
             raise ConfigError("version must be an integer and timeout a number of seconds") from None
-        with trio.move_on_after(timeout):
-            while cp.version == since:
-                await cp.desired_changed.wait()
-        return JSONResponse({"version": cp.version, "epoch": cp.epoch, "desired": cp.desired(name)})
+        version, desired = await cp.desired_wait(name, since, timeout)
+        if desired is None:  # held until the timeout and nothing changed for this node
+            return JSONResponse({"version": version, "epoch": cp.epoch, "unchanged": True})
+        return JSONResponse({"version": version, "epoch": cp.epoch, "desired": desired})
 
     async def list_datasets(request: Request):
         return JSONResponse({"datasets": [cp.dataset_view(d["name"]) for d in cp.store.datasets()]})

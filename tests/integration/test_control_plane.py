@@ -422,10 +422,18 @@ def test_desired_state_is_long_polled_and_answers_at_once_when_an_assignment_cha
     server.api("POST", "/v1/datasets", json={"name": "d", "uri": origin.url})
     first = server.api("GET", "/v1/nodes/n1/desired").json()  # no version: the answer now
     assert first["desired"] == [] and isinstance(first["version"], int) and first["epoch"]
-    # Nothing changes: held until the timeout, then the same version.
+    # Nothing changes: held until the timeout (spread over its second half), then the same version.
     t = time.monotonic()
-    same = server.api("GET", f"/v1/nodes/n1/desired?version={first['version']}&timeout=1").json()
-    assert same["version"] == first["version"] and time.monotonic() - t >= 0.9
+    same = server.api("GET", f"/v1/nodes/n1/desired?version={first['version']}&timeout=2").json()
+    assert same == {"version": first["version"], "epoch": first["epoch"], "unchanged": True}
+    assert time.monotonic() - t >= 0.95
+    # A change for other nodes (another dataset, assigned elsewhere) bumps the version but leaves
+    # n1's list as it was: the poll stays held.
+    server.api("POST", "/v1/datasets", json={"name": "other", "uri": origin.url})
+    server.api("PUT", "/v1/datasets/other/assignment", json={"nodes": ["n9"]})
+    t = time.monotonic()
+    held = server.api("GET", f"/v1/nodes/n1/desired?version={first['version']}&timeout=2").json()
+    assert held["unchanged"] and held["version"] > first["version"] and time.monotonic() - t >= 0.95
     # An assignment made while the poll is held answers it at once.
     got = {}
 

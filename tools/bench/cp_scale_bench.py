@@ -681,6 +681,7 @@ class Bench:
         self.errors: list[str] = []
         self.stop_periodic = False
         self.desired_answers = 0  # long-poll answers (each agent holds one poll of its desired state)
+        self.polls_wanted = False  # the server's "long_poll" in heartbeat answers
         self.rng = random.Random(args.seed)
         self.bitmaps: BitmapPool | None = None
         self.steps: list[Step] = []
@@ -812,6 +813,8 @@ class Bench:
                 if ok:
                     node.accepted(sent, nblocks)
                     node.last_answer = data if node.index == 0 else None
+                    if node.index == 0:
+                        self.polls_wanted = json.loads(data).get("long_poll") is True
                 else:
                     self.errors.append(f"{node.name}: HTTP {status}: {data[:200]!r}")
             except HttpError as e:
@@ -828,9 +831,13 @@ class Bench:
         version = -1
         try:
             while not self.stop_periodic:
+                if not self.polls_wanted:  # what heartbeat answers say ("long_poll"), as agents do
+                    await asyncio.sleep(self.args.interval)
+                    version = -1
+                    continue
                 try:
                     status, data = await conn.request(
-                        "GET", f"/v1/nodes/{node.name}/desired?version={version}&timeout=30", timeout=45.0)
+                        "GET", f"/v1/nodes/{node.name}/desired?version={version}&timeout=50", timeout=65.0)
                     if status == 200:
                         version = json.loads(data)["version"]
                         self.desired_answers += 1
@@ -943,7 +950,8 @@ class Bench:
         if len(self.errors) > errors0:
             log(f"  {len(self.errors) - errors0} errors, e.g. {self.errors[errors0]}")
         if self.args.long_poll:
-            log(f"  {n} desired-state long polls held beside the heartbeats ({self.desired_answers} answers so far)")
+            log(f"  desired-state long polls {'held beside the heartbeats' if self.polls_wanted else 'not wanted by the server'}"
+                f" ({self.desired_answers} answers so far)")
         log(f"  window {d['dt']:.1f}s: {step.achieved:.1f}/{step.offered:.1f} hb/s, p50 {_ms(step.p50)} ms, "
             f"p99 {_ms(step.p99)} ms, max {_ms(step.pmax)} ms; server CPU {step.srv_cpu:.0%} (runnable but waiting "
             f"{step.runq:.0%}), RSS {_mb(step.rss)} MB; load generator CPU {step.me_cpu:.0%}")
