@@ -154,19 +154,16 @@ class Fetcher:
         in hand), "busy" (a holder had no free upload slot: try again later)
         or "failed" (no holder gave it: dead, refusing or wrong).
         """
-        if not self._claim(entry, idx, idx + 1):
-            return "done"
-        try:
+        busy = False
+
+        async def get() -> bytes | None:
+            nonlocal busy
             data, busy = await self.peers.from_holders(entry, idx, block_id, addresses)
-            if data is None:
-                self._flights.pop((entry.file_object, idx)).event.set()  # released: a later pass, or a reader
-                return "busy" if busy else "failed"
-            await self._memory.acquire()
-            await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
+            return data
+
+        if await self._store_from_peer(entry, idx, get):
             return "done"
-        except BaseException as e:
-            self._fail(entry, [idx], e)
-            raise
+        return "busy" if busy else "failed"
 
     async def fetch_from_relay(self, entry: FileEntry, idx: int, address: str) -> bool:
         """Fetch block ``idx`` from the node at ``address`` while it arrives there from the source (prefetch).
@@ -174,19 +171,28 @@ class Fetcher:
         Returns False when that node could not give it; the block is then
         left for a later pass (from its holders by then), not the source.
         """
+        async def get() -> bytes | None:
+            recorded = self.cache.known_blocks(entry.file_object).get(idx)
+            return await self.peers.from_relay(entry, idx, address, recorded)
+
+        return await self._store_from_peer(entry, idx, get)
+
+    async def _store_from_peer(self, entry: FileEntry, idx: int, get) -> bool:
+        """Claim block ``idx``, ``await get()`` its verified bytes from a peer and store them.
+
+        True when stored (or someone else has the block in hand); False when
+        ``get`` gave nothing: the claim is released without an error, for a
+        later pass or a reader.
+        """
         if not self._claim(entry, idx, idx + 1):
             return True
         try:
-            got = await self.peers.from_relay(entry, idx, address)
-            known = self.cache.known_blocks(entry.file_object).get(idx)
-            if got is None or (known is not None and got[1] != known):
-                if got is not None:
-                    log.warning("peer %s relayed block %d of %s as %s, but %s is recorded: dropped", address, idx,
-                                entry.path, got[1], known)
-                self._flights.pop((entry.file_object, idx)).event.set()  # released: a later pass, or a reader
+            data = await get()
+            if data is None:
+                self._flights.pop((entry.file_object, idx)).event.set()
                 return False
             await self._memory.acquire()
-            await self._complete(entry, idx, got[0], self._memory, trio.current_time(), origin="peer")
+            await self._complete(entry, idx, data, self._memory, trio.current_time(), origin="peer")
             return True
         except BaseException as e:
             self._fail(entry, [idx], e)
@@ -348,15 +354,23 @@ class Fetcher:
             self._fail(entry, [i for i in claimed if i not in released], e)
             raise
 
+    def _end_partial(self, fo: str, idx: int, block_id: str | None = None) -> None:
+        """Block ``idx`` of ``fo`` is stored as ``block_id``, or (None) will not be: its relays end."""
+        partial = self.partials.pop((fo, idx), None)
+        if partial is None:
+            return
+        if block_id is None:
+            partial.fail()
+        else:
+            partial.stored(block_id)
+
     def _fail(self, entry: FileEntry, claimed: list[int], e: BaseException) -> None:
         """Settle the flights of ``claimed`` blocks that did not arrive, with the error (none if cancelled)."""
         err = e if isinstance(e, SyncbitError) else FetchFailed(f"{entry.path}: {type(e).__name__}: {e}")
         if isinstance(e, Exception) and claimed:
             log.error("fetch failed: file %s blocks %d-%d: %s", entry.path, claimed[0], claimed[-1], err)
         for i in claimed:
-            partial = self.partials.pop((entry.file_object, i), None)
-            if partial is not None:
-                partial.fail()
+            self._end_partial(entry.file_object, i)
             flight = self._flights.pop((entry.file_object, i), None)
             if flight is not None:
                 # A cancelled run leaves no error: waiters simply claim again.
@@ -431,11 +445,10 @@ class Fetcher:
 
         if self.relaying:
             for i in todo:
-                # A retry starts again at the first missing block: its relays so far end unfinished.
                 old = self.partials.get((entry.file_object, i))
                 if old is None or old.filled:
-                    if old is not None:
-                        old.fail()
+                    # A retry starts again at the first missing block: its relays so far end unfinished.
+                    self._end_partial(entry.file_object, i)
                     self.partials[(entry.file_object, i)] = PartialBlock(block_span(entry.size, self.block_size, i)[1])
             sink = relay_sink
             sink.chunk_size = RELAY_CHUNK
@@ -452,15 +465,11 @@ class Fetcher:
             raise SourceChanged(f"{entry.locator} block {idx}: bytes differ from the ones recorded earlier ({e})") \
                 from None
         except BaseException:
-            partial = self.partials.pop((entry.file_object, idx), None)
-            if partial is not None:
-                partial.fail()
+            self._end_partial(entry.file_object, idx)
             raise
         finally:
             slots.release()
-        partial = self.partials.pop((entry.file_object, idx), None)
-        if partial is not None:
-            partial.stored(bid)
+        self._end_partial(entry.file_object, idx, bid)
         flight = self._flights.pop((entry.file_object, idx))
         flight.event.set()
         self._stored.set()

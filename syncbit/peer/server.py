@@ -9,8 +9,9 @@ cache, so blocks flow on down a chain while the file is still arriving.
 ``GET /v1/relay/<file object>/<index>`` serves a block this node is fetching
 from the source while it arrives (cut-through), followed by its 64-character
 BLAKE3 id once this node has hashed and stored it, chunked; the asker checks
-the bytes against that id. A relay whose source fetch fails ends early. Relays have their own slots: they run at the source's
-pace, and must not take the slots of whole blocks.
+the bytes against that id. A relay whose source fetch fails ends early.
+Relays have their own slots: they run at the source's pace, and must not take
+the slots of whole blocks.
 """
 
 from __future__ import annotations

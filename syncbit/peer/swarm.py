@@ -51,8 +51,9 @@ class Swarm:
 
         For a read (``prefetch`` false) blocks another node is fetching are
         taken from it as they arrive there (relays), else asked for again,
-        long-polling the tracker until that node announces it has them, and blocks whose holders are all busy shortly after (the
-        holders grow as nodes announce what they store); we give up waiting
+        long-polling the tracker until that node announces it has them, and
+        blocks whose holders are all busy shortly after (the holders grow as
+        nodes announce what they store); we give up waiting
         (and the caller goes to the source) only after ``WAIT_FOR_CLAIM``
         seconds without any block arriving.
 
@@ -123,11 +124,12 @@ class Swarm:
                     return data, False
         return None, refused
 
-    async def from_relay(self, entry: FileEntry, idx: int, address: str) -> tuple[bytes, str] | None:
-        """Block ``idx`` of ``entry`` from the node fetching it from the source, as it arrives: (bytes, id).
+    async def from_relay(self, entry: FileEntry, idx: int, address: str, recorded: str | None) -> bytes | None:
+        """Block ``idx`` of ``entry`` from the node fetching it from the source, as it arrives.
 
         None when that node cannot give it (busy, finished, failed, wrong
-        bytes): the block is then asked about again later, when it has holders.
+        bytes), or gives bytes other than the ``recorded`` id (when one is
+        known): the block is then asked about again later, when it has holders.
         """
         if not self.client.usable(address):
             return None
@@ -136,9 +138,15 @@ class Swarm:
             got = await self.client.fetch_relay(address, entry.file_object, idx, size)
         except (BlockCorrupt, PeerBusy):
             return None
-        if got is not None:
-            _FROM_PEERS.inc(len(got[0]))
-        return got
+        if got is None:
+            return None
+        data, block_id = got
+        if recorded is not None and block_id != recorded:
+            log.warning("peer %s relayed block %d of %s as %s, but %s is recorded: dropped", address, idx,
+                        entry.path, block_id, recorded)
+            return None
+        _FROM_PEERS.inc(len(data))
+        return data
 
     async def _fetch_from(self, entry: FileEntry, answers: dict[int, dict], got: set[int], deliver) -> set[int]:
         """Fetch the blocks that have holders, and those another node relays as they arrive there
@@ -154,10 +162,10 @@ class Swarm:
                 busy.add(idx)  # held, and someone will have a free slot: not a job for the source
 
         async def relayed(idx: int, address: str, recorded: str | None) -> None:
-            relay = await self.from_relay(entry, idx, address)
-            if relay is not None and recorded in (None, relay[1]):
+            data = await self.from_relay(entry, idx, address, recorded)
+            if data is not None:
                 got.add(idx)
-                await deliver(idx, relay[0])
+                await deliver(idx, data)
             # else: still being fetched by that node; asked about again (long poll)
 
         async with trio.open_nursery() as nursery:

@@ -630,27 +630,22 @@ class ControlPlane:
         timeout: nothing new, and nothing to encode or send.
 
         Every agent holds one, so they must cost nothing while nothing changes
-        for them. A version change wakes them all, but each answers only if
-        its node's list differs from the one it was last sent (a node joining
-        elsewhere changes nobody's list); only the polls of the nodes a change
-        may concern are woken (``_notify``), and they look spread over up to
-        POLL_RECHECK x polls woken seconds; and timeouts are spread
-        over half the timeout, so polls started together do not come back
-        together.
+        for them: only the polls of the nodes a change may concern are woken
+        (``_notify``), spread over POLL_RECHECK seconds per poll woken; each
+        answers only if its node's list differs from the one it was last sent;
+        and timeouts are spread over the timeout's second half, so polls
+        started together do not come back together.
         """
         deadline = trio.current_time() + timeout * random.uniform(0.5, 1.0)
         with trio.move_on_at(deadline):
-            while True:
-                if since < 0 or (self.version != since and self.desired(node) != self._told.get(node)):
-                    desired = self._told[node] = self.desired(node)
-                    return self.version, desired
-                since = self.version  # a new version, but the same list: keep waiting
+            while since >= 0 and (self.version == since or self.desired(node) == self._told.get(node)):
+                since = self.version  # nothing yet, or a new version with the same list: keep waiting
                 await self._poll_wakes.setdefault(node, trio.Event()).wait()
                 await trio.sleep(random.uniform(0.0, self._poll_spread))
-        if self.desired(node) != self._told.get(node):
-            desired = self._told[node] = self.desired(node)
-            return self.version, desired
-        return self.version, None
+        if since >= 0 and self.desired(node) == self._told.get(node):
+            return self.version, None  # the timeout, and nothing new for this node
+        desired = self._told[node] = self.desired(node)
+        return self.version, desired
 
     def desired(self, node: str) -> list[dict]:
         hit = self._desired.get(node)
