@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 BAN_SECONDS = 300.0
 MIN_RATE = 1 * 2**20  # bytes/s below which a peer is given up on for a block
 RELAY_SECONDS = 30.0  # a relay goes at the source's pace: given up on only after this long (a claim's life)
+# ... but a relay that brings no byte for this long is stalled (its node's link is down, say): given up on,
+# so that the block is taken whole from a holder instead of waiting out RELAY_SECONDS.
+RELAY_STALL = 5.0
 
 
 class PeerBusy(Exception):
@@ -95,7 +98,8 @@ class PeerClient:
         relaying node computed; None if that node cannot give it (any more).
         Raises PeerBusy (429) and BlockCorrupt (the node is banned).
         """
-        got = await self._fetch(address, f"/v1/relay/{file_object}/{idx}", size, RELAY_SECONDS, trailer=ID_LENGTH)
+        got = await self._fetch(address, f"/v1/relay/{file_object}/{idx}", size, RELAY_SECONDS, trailer=ID_LENGTH,
+                                stall=RELAY_STALL)
         if got is None:
             return None
         data, actual, claimed = got
@@ -110,18 +114,19 @@ class PeerClient:
         log.error("peer %s sent a wrong block for %s (hash %s): banned for %.0fs", address, what, got, BAN_SECONDS)
         raise BlockCorrupt(f"peer {address} sent bytes that are not block {what}")
 
-    async def _fetch(self, address: str, path: str, size: int, limit: float,
-                     trailer: int = 0) -> tuple[bytes, str, str] | None:
+    async def _fetch(self, address: str, path: str, size: int, limit: float, trailer: int = 0,
+                     stall: float | None = None) -> tuple[bytes, str, str] | None:
         """GET ``path`` from ``address``: (block bytes, their BLAKE3 id, the trailer), or None.
 
-        Slower than ``limit`` seconds in all, unreachable or refusing (but 429: PeerBusy): None.
+        Slower than ``limit`` seconds in all (or ``stall`` seconds without a byte), unreachable or
+        refusing (but 429: PeerBusy): None.
         """
         headers = auth_headers(self.secret, "GET", path, time.time(), self.node)
         await self.rate.take(size)  # booked up front: the limit holds on average over blocks
         try:
             with trio.fail_after(limit + 1.0):  # a peer trickling bytes: its reads never time out
                 status, data, got, tail = await trio.to_thread.run_sync(
-                    self._get, address, path, headers, size, limit, trailer, abandon_on_cancel=True,
+                    self._get, address, path, headers, size, limit, trailer, stall or limit, abandon_on_cancel=True,
                     limiter=self._threads)
         except trio.TooSlowError:
             PEER_ERRORS.labels(reason="slow").inc()
@@ -145,14 +150,14 @@ class PeerClient:
         PEER_BYTES.labels(direction="download", peer=address).inc(len(data))
         return data, got, tail
 
-    def _get(self, address: str, path: str, headers: dict, size: int, limit: float,
-             trailer: int) -> tuple[int, bytearray | None, str | None, str]:
+    def _get(self, address: str, path: str, headers: dict, size: int, limit: float, trailer: int,
+             stall: float) -> tuple[int, bytearray | None, str | None, str]:
         """(status, body, its BLAKE3 id, trailer) in a worker thread; raises _TooSlow past ``limit`` seconds.
 
         The body is ``size`` bytes followed by ``trailer`` bytes of text; None if it ended short.
         """
         deadline = time.monotonic() + limit
-        conn, reused = self._connection(address, limit)
+        conn, reused = self._connection(address, stall)
         keep = False
         try:
             try:
@@ -162,7 +167,7 @@ class PeerClient:
                 if not reused:
                     raise
                 conn.close()  # the peer closed it while it was idle here: once more on a new one
-                conn, _ = self._connection(address, limit, fresh=True)
+                conn, _ = self._connection(address, stall, fresh=True)
                 conn.request("GET", path, headers=headers)
                 r = conn.getresponse()
             if r.status != 200:
@@ -211,7 +216,7 @@ class PeerClient:
             conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2.0)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock.settimeout(timeout)  # connected within 2 s; each read within the block's limit
+        conn.sock.settimeout(timeout)  # connected within 2 s; then each read within ``timeout``
         return conn, reused
 
     def _release(self, address: str, conn: http.client.HTTPConnection) -> None:
