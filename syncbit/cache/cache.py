@@ -20,7 +20,7 @@ import trio
 from ..errors import CacheFull
 from .eviction import select_victims
 from .index import Index
-from .store import BlockStore
+from .store import BlockStore, SpooledBlock
 
 log = logging.getLogger(__name__)
 MAX_LEARNED = 200_000  # unreported block ids kept while the control plane is away (~40 MB)
@@ -231,13 +231,31 @@ class BlockCache:
 
     # -- writes --------------------------------------------------------
 
-    async def put(self, fo: str, idx: int, data: bytes, expected: str | None) -> str:
+    def spool(self, size: int) -> SpooledBlock:
+        """A temp file for a block of ``size`` bytes that a source writes itself; for ``put``.
+
+        Called from the source's worker thread. The space is checked first,
+        as ``put`` does for bytes, since the bytes reach the disk before ``put``.
+        """
+        trio.from_thread.run_sync(self._check_space, size)
+        return self.store.spool()
+
+    async def put(self, fo: str, idx: int, data: bytes | SpooledBlock, expected: str | None) -> str:
         """Verify and store one block of a file object; returns its id.
 
         Raises BlockCorrupt if ``expected`` is given and the bytes differ.
+        ``data`` may be a block spooled by the source (see ``spool``); it is
+        discarded if it cannot be stored.
         """
+        if isinstance(data, SpooledBlock):
+            try:
+                return await self._put(fo, idx, data, expected, self.store.adopt)
+            finally:
+                data.discard()
         self._check_space(len(data))
+        return await self._put(fo, idx, data, expected, self.store.write)
 
+    async def _put(self, fo: str, idx: int, data, expected: str | None, store) -> str:
         def known(block_id: str) -> None:
             # Runs in the worker thread between hashing and renaming: the
             # (file object, index) -> id row exists before the block file does,
@@ -245,7 +263,7 @@ class BlockCache:
             # start *and* found again, not downloaded twice.
             trio.from_thread.run_sync(self._record_known, fo, idx, block_id)
 
-        bid, checksum = await trio.to_thread.run_sync(self.store.write, data, expected, known, limiter=self._io)
+        bid, checksum = await trio.to_thread.run_sync(store, data, expected, known, limiter=self._io)
         if bid not in self._present:
             self._uncommitted = True
             try:

@@ -1,5 +1,8 @@
 """Block files on disk: ``blocks/ab/<id>``, written to a temp name, then renamed.
 
+A source may also write a block into a temp file itself (``spool``, under
+``blocks/spool/``), which ``adopt`` hashes in place and renames.
+
 All methods are blocking; callers run them in a worker thread. A block file
 appears under its final name only complete, so a crashed *process* never
 leaves a torn block. Durability against a crashed *machine* is a group
@@ -11,6 +14,7 @@ docs/architecture.md for why this departs from fsync-per-block).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import uuid
@@ -23,6 +27,7 @@ from ..errors import BlockCorrupt, CacheFull
 from ..model import content_id
 
 TMP_PREFIX = ".tmp-"
+SPOOL_DIR = "spool"  # under blocks/: temp files of spooled blocks (cleaned by scan like the others)
 # Block files are written in pieces of this size, not in one 4 MiB write: the
 # kernel sizes the page-cache folios of a buffered write by the write's length
 # (one 4 MiB write gets 2 MiB folios), and on a VM whose free memory is handed
@@ -44,6 +49,38 @@ try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 except OSError:  # pragma: no cover - every Linux libc has syncfs
     _libc = None
+
+
+class SpooledBlock:
+    """A block that a source writes into a temp file of the cache itself.
+
+    A source that can move bytes from its socket to a file in the kernel
+    (``os.splice``, see sources/splice.py) fills one of these instead of
+    handing over ``bytes``; ``BlockStore.adopt`` then hashes it and renames
+    it into place. Whoever holds it last discards it if it is not adopted.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = 0
+        self.handed = False  # set by the sink that takes it over from the source
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close and remove the temp file if it is still there (a no-op once adopted)."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 def at_rest_checksum(data: bytes | memoryview) -> str:
@@ -99,6 +136,36 @@ class BlockStore:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull(f"no space left in the cache directory {self.root}") from e
             raise
+        return block_id, checksum
+
+    def spool(self) -> SpooledBlock:
+        """A new, empty temp file for a block a source will write itself."""
+        d = f"{self.root}/{SPOOL_DIR}"
+        os.makedirs(d, exist_ok=True)
+        path = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
+        return SpooledBlock(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+
+    def adopt(self, spooled: SpooledBlock, expected: str | None,
+              before_write: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """``write`` for a block already in a temp file: hash it in place, check, rename.
+
+        The caller discards ``spooled`` afterwards, whatever happened.
+        """
+        spooled.close()
+        with open(spooled.path, "rb") as f:
+            if spooled.size:
+                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                    block_id, checksum = content_id(mm), at_rest_checksum(mm)
+            else:
+                block_id, checksum = content_id(b""), at_rest_checksum(b"")
+        if expected is not None and block_id != expected:
+            raise BlockCorrupt(f"bytes hash to {block_id[:16]}…, expected {expected[:16]}…")
+        if before_write is not None:
+            before_write(block_id)
+        final = self.path(block_id)
+        if not os.path.exists(final):  # else: same id, same bytes (dedup); the temp file goes
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(spooled.path, final)
         return block_id, checksum
 
     def sync(self) -> None:

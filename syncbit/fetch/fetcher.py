@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -26,7 +27,7 @@ from ..cache import BlockCache
 from ..errors import BlockCorrupt, DigestMismatch, FetchFailed, SourceChanged, SyncbitError, collapse_groups
 from ..metrics import BYTES, FETCH_SECONDS
 from ..model import FileEntry, block_count, block_span
-from ..sources.base import Source
+from ..sources.base import Source, Spool
 from ..sources.retry import Retrier
 from .partial import PartialBlock
 
@@ -443,6 +444,18 @@ class Fetcher:
                 if partial.full:
                     await hand_off(partial.buf)
 
+        async def spooled(block) -> None:
+            # A block the source wrote into the cache itself (plain HTTP: os.splice).
+            block.handed = True
+            self.bytes_from_source += len(block)
+            _FROM_SOURCE.inc(len(block))
+            try:
+                await slots.acquire()
+            except BaseException:
+                block.discard()
+                raise
+            stores.start_soon(self._complete, entry, todo.pop(0), block, slots, started)
+
         if self.relaying:
             for i in todo:
                 old = self.partials.get((entry.file_object, i))
@@ -452,6 +465,10 @@ class Fetcher:
                     self.partials[(entry.file_object, i)] = PartialBlock(block_span(entry.size, self.block_size, i)[1])
             sink = relay_sink
             sink.chunk_size = RELAY_CHUNK
+        else:
+            # Relays read blocks from memory as they arrive; without peers a
+            # source may write blocks into the cache itself.
+            sink.spool = Spool(self.block_size, partial(self.cache.spool, self.block_size), spooled)
         await source.read_range(entry, start, last_start + last_len - start, sink)
         if todo:
             raise SourceChanged(f"{entry.locator}: source delivered fewer bytes than the snapshot says")

@@ -11,12 +11,16 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError, MalformedURI, UnknownScheme
 from ..model import FileEntry, Snapshot
 
-# Receives the bytes of a range in order, in chunks of any size.
+if TYPE_CHECKING:
+    from ..cache.store import SpooledBlock
+
+# Receives the bytes of a range in order, in chunks of any size (see also ``Spool``).
 Sink = Callable[[bytes], Awaitable[None]]
 
 
@@ -27,6 +31,28 @@ def chunk_size(sink: Sink, default: int) -> int:
     fetcher does, with peers: peers read each block while it arrives).
     """
     return getattr(sink, "chunk_size", default)
+
+
+@dataclass(frozen=True)
+class Spool:
+    """A sink's offer to take whole blocks as files that the source fills itself.
+
+    A source that can move bytes into a file without copying them through
+    user space (``os.splice`` from a plain socket, see ``splice.py``) asks
+    ``new()`` for a temp file per block, from its worker thread, writes
+    ``size`` bytes into it (the last block of a range may be shorter), sets
+    its ``size`` and passes it to ``deliver`` on the trio thread, which takes
+    it over. A source that cannot do this ignores the offer and calls the sink with bytes.
+    """
+
+    size: int
+    new: Callable[[], SpooledBlock]
+    deliver: Callable[[SpooledBlock], Awaitable[None]]
+
+
+def spool_of(sink: Sink) -> Spool | None:
+    return getattr(sink, "spool", None)
+
 
 # scheme -> (module, class, install hint). Imported lazily so that a missing
 # optional dependency only matters to users of that scheme.

@@ -14,12 +14,16 @@ Requests are made with urllib3 in worker threads, not with httpx on trio:
 measured on loopback, httpx on trio streams a body at ~230 MB/s with the trio
 thread busy, urllib3 in a thread at 3-4 GB/s with the GIL released in recv.
 Bodies reach the fetcher in 4 MiB chunks (the default block size), so a
-block usually arrives as one ``bytes`` without being copied again.
+block usually arrives as one ``bytes`` without being copied again; over
+plain HTTP, when the fetcher offers a ``Spool``, they are not read at all but
+spliced from the socket into block files (``splice.py``).
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
 import time
 from html.parser import HTMLParser
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -38,8 +42,9 @@ from ..errors import (
     collapse_groups,
 )
 from ..model import FileEntry, Snapshot, safe_relpath, short_hash
-from .base import Sink, Source, chunk_size
+from .base import Sink, Source, Spool, chunk_size, spool_of
 from .retry import retry_within
+from .splice import splice_into
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +354,9 @@ def deliver_range(r, url: str, offset: int, length: int, sink: Sink, *, check) -
             if not chunk:
                 break
             skip -= len(chunk)
+        spool = spool_of(sink)
+        if spool is not None and _splice_body(r, url, length, spool):
+            return r.status == 206
         while remaining:
             chunk = r.read(min(remaining, piece))
             if not chunk:
@@ -360,6 +368,32 @@ def deliver_range(r, url: str, offset: int, length: int, sink: Sink, *, check) -
         if r.length_remaining:
             r.close()  # a body we stopped reading (errors, a 200 longer than wanted): drop the connection
         r.release_conn()
+
+
+def _splice_body(r, url: str, length: int, spool: Spool) -> bool:
+    """Splice the next ``length`` bytes of ``r`` into spooled blocks, if its body comes off a plain socket.
+
+    False (nothing read) for TLS, chunked bodies, or a response whose bytes
+    urllib3 has started to decode; the caller then reads it as usual.
+    urllib3 keeps the http.client response in ``_fp``: its buffered file
+    may already hold the first body bytes, read along with the headers.
+    """
+    hr = getattr(r, "_fp", None)
+    if not isinstance(hr, http.client.HTTPResponse) or hr.chunked or hr.length is None or hr.length < length:
+        return False
+    sock = getattr(getattr(hr.fp, "raw", None), "_sock", None)
+    if type(sock) is not socket.socket or r.length_remaining != hr.length:
+        return False  # TLS (an SSLSocket) or a proxy tunnel; or urllib3 holds bytes of its own
+    try:
+        head = hr.fp.peek(1)[:length]  # one read from the socket only if nothing is buffered
+        hr.fp.read(len(head))
+    except OSError as e:
+        raise TemporarySourceError(f"{url}: {e}") from e
+    splice_into(sock, head, length, spool, url)
+    # Count the bytes as read, so that a finished response gives its
+    # connection back to the pool (``deliver_range`` closes it otherwise).
+    r.length_remaining -= length
+    return True
 
 
 def _size_of(r) -> int | None:

@@ -381,3 +381,50 @@ async def test_evicting_a_block_closes_its_cached_descriptor(caches):
         os.fstat(fd)
     with pytest.raises(FileNotFoundError):
         c.block_fd(b0)
+
+
+async def _spooled(c: BlockCache, data: bytes):
+    """A block as a splicing source leaves it: written into a temp file from ``spool``."""
+    spooled = await trio.to_thread.run_sync(c.spool, len(data))
+    os.write(spooled.fd, data)
+    spooled.size = len(data)
+    return spooled
+
+
+def temp_files(c: BlockCache) -> list[str]:
+    return [p.name for p in c.store.root.rglob(".tmp-*")]
+
+
+async def test_a_spooled_block_is_stored_like_bytes_and_deduplicated(caches):
+    c = caches()
+    bid = await c.put("fo", 0, await _spooled(c, block(4)), None)
+    assert bid == content_id(block(4)) and c.present_block("fo", 0) == bid
+    assert os.pread(c.block_fd(bid), 1000, 0) == block(4) and c.bytes == BLOCK
+    # The same bytes again, spooled for another file object: one block file, no temp file left.
+    assert await c.put("fo-b", 1, await _spooled(c, block(4)), None) == bid
+    assert block_files(c) == {bid} and c.bytes == BLOCK and temp_files(c) == []
+    # Empty blocks (an empty file's) too.
+    assert await c.put("fo-e", 0, await _spooled(c, b""), None) == content_id(b"")
+
+
+async def test_a_spooled_block_with_other_bytes_than_expected_is_removed(caches):
+    c = caches()
+    with pytest.raises(BlockCorrupt):
+        await c.put("fo", 0, await _spooled(c, block(1)), content_id(block(0)))
+    assert block_files(c) == set() and temp_files(c) == [] and c.known_blocks("fo") == {}
+
+
+async def test_spooling_refuses_to_eat_the_free_disk_reserve(caches):
+    c = caches(min_free_disk=2**62)
+    with pytest.raises(CacheFull):
+        await _spooled(c, block(0))
+    assert temp_files(c) == []
+
+
+async def test_restart_after_crash_removes_spooled_temp_files(caches):
+    c = caches()
+    half = await _spooled(c, block(0)[:50])  # a block still arriving when the agent died
+    half.close()
+    crash(c)
+    c2 = reopen(c, caches)
+    assert not Path(half.path).exists() and c2.bytes == 0
