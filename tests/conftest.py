@@ -45,6 +45,23 @@ def origin_factory(tmp_path):
         srv.stop()
 
 
+@pytest.fixture
+def tmpfs_factory(tmp_path):
+    """Mount small tmpfs filesystems (root only): disks that fill up."""
+    mounted = []
+
+    def make(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # -- S3 and Hub servers, shared by the conformance suite and the mount tests --
 
 @pytest.fixture(scope="session")

@@ -170,20 +170,9 @@ def test_safetensors_mmap_through_the_mount(tmp_path, origin_factory, agent_fact
         assert (f.get_tensor("bias") == tensors["bias"]).all()
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 3 MiB tmpfs: a cache filesystem that fills up."""
-    import subprocess
-
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def test_full_disk_fails_the_pull_cleanly_and_keeps_serving(tmp_path, small_fs, origin_factory, agent_factory):
+def test_full_disk_fails_the_pull_cleanly_and_keeps_serving(tmp_path, tmpfs_factory, origin_factory, agent_factory):
     """A dataset bigger than the cache filesystem: the pull fails with a clear reason; nothing crashes."""
+    small_fs = tmpfs_factory("small", "3m")
     data = _data(8, 80 * BS)  # 5 MiB into a 3 MiB filesystem
     write_tree(tmp_path / "src", {"big.bin": data, "small.txt": b"small file"})
     origin = origin_factory(tmp_path / "src")

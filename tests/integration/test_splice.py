@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
 import pytest
 import trio
@@ -143,18 +142,8 @@ async def test_a_stalled_sender_times_out(tmp_path):
     assert _temp_files(store) == []
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 256 KiB tmpfs for the block store: the fourth block does not fit."""
-    path = tmp_path / "tiny"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], check=True)
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-async def test_a_full_cache_filesystem_is_cache_full_not_a_source_error(tmp_path, tiny_fs):
-    store = BlockStore(tiny_fs)
+async def test_a_full_cache_filesystem_is_cache_full_not_a_source_error(tmp_path, tmpfs_factory):
+    store = BlockStore(tmpfs_factory("tiny", "256k"))  # the fourth 64 KiB block does not fit
     kept: list = []
 
     class Keeper(Collector):
