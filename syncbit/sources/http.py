@@ -383,7 +383,7 @@ def _splice_body(r, url: str, length: int, spool: Spool) -> bool:
         return False
     sock = getattr(getattr(hr.fp, "raw", None), "_sock", None)
     if type(sock) is not socket.socket or r.length_remaining != hr.length:
-        return False  # TLS (an SSLSocket) or a proxy tunnel; or urllib3 holds bytes of its own
+        return False  # TLS (an SSLSocket), or urllib3 holds bytes of its own
     try:
         head = hr.fp.peek(1)[:length]  # one read from the socket only if nothing is buffered
         hr.fp.read(len(head))

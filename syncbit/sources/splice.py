@@ -9,7 +9,7 @@ The block is then hashed in place (``BlockStore.adopt``, through an mmap).
 Measured on the development VM (1 GiB from the loopback origin, 4 parallel
 ranges; docs/performance.md): fetching and storing took 1.7 CPU-s per GiB
 instead of 2.2 and ran 1.4x faster; a cold read through the mount went from
-0.57-0.62 to 0.74-0.76 of curl. With a 64 KiB pipe (the default size) most of
+0.55-0.62 to 0.68-0.74 of curl. With a 64 KiB pipe (the default size) most of
 the gain is lost to the number of calls, hence ``PIPE_SIZE``.
 
 Only plain sockets: TLS has to be decrypted in user space.
