@@ -9,6 +9,9 @@ Exit codes are part of the CLI contract (docs/cli.md).
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
+
 
 class SyncbitError(Exception):
     exit_code = 1
@@ -167,3 +170,14 @@ class collapse_groups:
             if isinstance(err, Exception) and not isinstance(err, BaseExceptionGroup):
                 raise err from value
         return False
+
+
+@contextmanager
+def cache_full_on_enospc(message: str):
+    """Re-raise a full disk or quota (ENOSPC, EDQUOT) as CacheFull(message): the cache's error, never retried."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, CacheFull):
+            raise CacheFull(message) from e
+        raise

@@ -13,7 +13,6 @@ docs/architecture.md for why this departs from fsync-per-block).
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import xxhash
 
-from ..errors import BlockCorrupt, CacheFull
+from ..errors import BlockCorrupt, cache_full_on_enospc
 from ..model import content_id
 
 TMP_PREFIX = ".tmp-"
@@ -83,6 +82,14 @@ class SpooledBlock:
             pass
 
 
+def _accept(block_id: str, expected: str | None, before_write: Callable[[str], None] | None) -> None:
+    """Refuse bytes that are not the block recorded earlier; else announce the id before the file appears."""
+    if expected is not None and block_id != expected:
+        raise BlockCorrupt(f"bytes hash to {block_id[:16]}…, expected {expected[:16]}…")
+    if before_write is not None:
+        before_write(block_id)
+
+
 def at_rest_checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
@@ -107,10 +114,7 @@ class BlockStore:
         before the block file is written.
         """
         block_id = content_id(data)
-        if expected is not None and block_id != expected:
-            raise BlockCorrupt(f"bytes hash to {block_id[:16]}…, expected {expected[:16]}…")
-        if before_write is not None:
-            before_write(block_id)
+        _accept(block_id, expected, before_write)
         final = self.path(block_id)
         checksum = at_rest_checksum(data)
         if os.path.exists(final):
@@ -118,24 +122,23 @@ class BlockStore:
         d = os.path.dirname(final)
         os.makedirs(d, exist_ok=True)
         tmp = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with cache_full_on_enospc(f"no space left in the cache directory {self.root}"):
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view[:WRITE_PIECE])
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view[:WRITE_PIECE])
+                        view = view[n:]
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
             except OSError:
-                pass
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheFull(f"no space left in the cache directory {self.root}") from e
-            raise
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
         return block_id, checksum
 
     def spool(self) -> SpooledBlock:
@@ -158,10 +161,7 @@ class BlockStore:
                     block_id, checksum = content_id(mm), at_rest_checksum(mm)
             else:
                 block_id, checksum = content_id(b""), at_rest_checksum(b"")
-        if expected is not None and block_id != expected:
-            raise BlockCorrupt(f"bytes hash to {block_id[:16]}…, expected {expected[:16]}…")
-        if before_write is not None:
-            before_write(block_id)
+        _accept(block_id, expected, before_write)
         final = self.path(block_id)
         if not os.path.exists(final):  # else: same id, same bytes (dedup); the temp file goes
             os.makedirs(os.path.dirname(final), exist_ok=True)

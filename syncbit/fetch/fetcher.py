@@ -419,9 +419,12 @@ class Fetcher:
             await slots.acquire()  # backpressure: bounded blocks in memory
             stores.start_soon(self._complete, entry, todo.pop(0), data, slots, started)
 
+        def count(n: int) -> None:
+            self.bytes_from_source += n
+            _FROM_SOURCE.inc(n)
+
         async def sink(chunk: bytes) -> None:
-            self.bytes_from_source += len(chunk)
-            _FROM_SOURCE.inc(len(chunk))
+            count(len(chunk))
             if not buf and todo and len(chunk) == want():
                 await hand_off(chunk)  # a chunk that is exactly a block: no copy
                 return
@@ -435,8 +438,7 @@ class Fetcher:
         async def relay_sink(chunk: bytes) -> None:
             # Each block fills its PartialBlock, which peers read as it fills;
             # the full buffer itself is what gets stored (no copy).
-            self.bytes_from_source += len(chunk)
-            _FROM_SOURCE.inc(len(chunk))
+            count(len(chunk))
             view = memoryview(chunk)
             while view and todo:
                 partial = self.partials[(entry.file_object, todo[0])]
@@ -447,14 +449,12 @@ class Fetcher:
         async def spooled(block) -> None:
             # A block the source wrote into the cache itself (plain HTTP: os.splice).
             block.handed = True
-            self.bytes_from_source += len(block)
-            _FROM_SOURCE.inc(len(block))
+            count(len(block))
             try:
-                await slots.acquire()
-            except BaseException:
+                await hand_off(block)
+            except BaseException:  # cancelled while waiting for a slot: nobody stores it
                 block.discard()
                 raise
-            stores.start_soon(self._complete, entry, todo.pop(0), block, slots, started)
 
         if self.relaying:
             for i in todo:

@@ -17,16 +17,14 @@ Only plain sockets: TLS has to be decrypted in user space.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import select
 import socket
-from contextlib import contextmanager
 
 import trio
 
-from ..errors import CacheFull, TemporarySourceError
+from ..errors import TemporarySourceError, cache_full_on_enospc
 from .base import Spool
 
 PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size is 1 MiB by default: the most an unprivileged agent may ask
@@ -91,23 +89,16 @@ def _from_socket(sock: socket.socket, poller, timeout: float | None, pipe_w: int
         return k
 
 
+# Errors of the block file are the cache's, never the source's: no retry.
+_FULL = "no space left on the cache filesystem while storing a block"
+
+
 def _pipe_to_file(pipe_r: int, fd: int, count: int) -> None:
-    with _cache_full_on_enospc():
+    with cache_full_on_enospc(_FULL):
         while count:
             count -= os.splice(pipe_r, fd, count)
 
 
 def _write(fd: int, data: bytes) -> int:
-    with _cache_full_on_enospc():
+    with cache_full_on_enospc(_FULL):
         return os.write(fd, data)
-
-
-@contextmanager
-def _cache_full_on_enospc():
-    """Errors of the block file are the cache's, never the source's: no retry."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CacheFull("no space left on the cache filesystem while storing a block") from e
-        raise
