@@ -27,7 +27,7 @@ from ..fetch import Fetcher
 from ..fs.fuse import SyncbitFS, fuse_options
 from ..fs.vfs import ROOT_INODE, Vfs
 from ..model import FileEntry, Snapshot, block_count, block_span
-from ..sources import Source, open_source, source_key
+from ..sources import Source, open_source, preload_sources, source_key
 from .datasets import FAILED, PENDING, READY, SYNCING, DatasetState
 from .link import ControlPlaneLink
 from .mountpoint import cleanup_stale_mount, raise_kernel_readahead
@@ -122,6 +122,7 @@ class Agent:
                 self._nursery = nursery
                 await nursery.start(self.cache.run)
                 await nursery.start(self.fetcher.run)
+                nursery.start_soon(preload_sources)
                 await self._restore()
                 self._mount()
                 nursery.start_soon(self._fuse_main)

@@ -1,5 +1,5 @@
 """Sources: where bytes come from. One abstract class, a registry by URI scheme."""
 
-from .base import Sink, Source, known_schemes, open_source, source_key
+from .base import Sink, Source, known_schemes, open_source, preload_sources, source_key
 
-__all__ = ["Sink", "Source", "known_schemes", "open_source", "source_key"]
+__all__ = ["Sink", "Source", "known_schemes", "open_source", "preload_sources", "source_key"]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import pytest
+import trio
 
 from syncbit.errors import ConfigError, MalformedURI, SourceChanged, TemporarySourceError, UnknownScheme
+from syncbit.sources import base
 from syncbit.sources.base import Source, known_schemes, open_source, scheme_of, source_key
 
 
@@ -88,3 +93,34 @@ async def test_source_defaults():
 def test_source_is_abstract():
     with pytest.raises(TypeError):
         Source("x://y")  # type: ignore[abstract]
+
+
+async def test_a_slow_source_import_does_not_stall_the_trio_thread(tmp_path, monkeypatch):
+    """A source module that takes 0.5 s to import (boto3 from a cold disk can)
+    is imported in a worker thread: a task ticking every 10 ms on the trio
+    thread meanwhile never waits more than a fraction of that."""
+    (tmp_path / "slow_source_mod.py").write_text(
+        "import time\n"
+        "time.sleep(0.5)\n"
+        "from syncbit.sources.file import FileSource as SlowSource\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(base._REGISTRY, "slow", ("slow_source_mod", "SlowSource", None))
+    monkeypatch.delitem(sys.modules, "slow_source_mod", raising=False)
+    gaps = []
+
+    async def tick():
+        last = time.monotonic()
+        while True:
+            await trio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        src = await open_source("slow:///data")
+        nursery.cancel_scope.cancel()
+    assert type(src).__name__ == "FileSource"  # the class the slow module exports
+    assert len(gaps) >= 20, gaps  # the ticker ran during the import
+    assert max(gaps) < 0.25, max(gaps)
