@@ -235,9 +235,14 @@ class BlockCache:
         """A temp file for a block of ``size`` bytes that a source writes itself; for ``put``.
 
         Called from the source's worker thread. The space is checked first,
-        as ``put`` does for bytes, since the bytes reach the disk before ``put``.
+        as ``put`` does for bytes, since the bytes reach the disk before ``put``;
+        in that thread, as it is a system call: the trio thread is only asked
+        to wake the evictor when space is short.
         """
-        trio.from_thread.run_sync(self._check_space, size)
+        short = self._space_short(size)
+        if short:
+            trio.from_thread.run_sync(self._pressure.set)
+            raise CacheFull(short)
         return self.store.spool()
 
     async def put(self, fo: str, idx: int, data: bytes | SpooledBlock, expected: str | None) -> str:
@@ -313,14 +318,19 @@ class BlockCache:
             known[idx] = block_id
 
     def _check_space(self, size: int) -> None:
+        short = self._space_short(size)
+        if short:
+            self._pressure.set()
+            raise CacheFull(short)
+
+    def _space_short(self, size: int) -> str | None:
+        """Why ``size`` more bytes would break the free-disk reserve, or None (any thread)."""
         st = os.statvfs(self.dir)
         free = st.f_bavail * st.f_frsize
         if free - size < self.min_free_disk:
-            self._pressure.set()
-            raise CacheFull(
-                f"cache filesystem of {self.dir} has {free} bytes free, "
-                f"below the reserve of {self.min_free_disk} bytes"
-            )
+            return (f"cache filesystem of {self.dir} has {free} bytes free, "
+                    f"below the reserve of {self.min_free_disk} bytes")
+        return None
 
     # -- eviction ------------------------------------------------------
 

@@ -144,9 +144,13 @@ class BlockStore:
     def spool(self) -> SpooledBlock:
         """A new, empty temp file for a block a source will write itself."""
         d = f"{self.root}/{SPOOL_DIR}"
-        os.makedirs(d, exist_ok=True)
         path = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
-        return SpooledBlock(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return SpooledBlock(path, os.open(path, flags, 0o644))
+        except FileNotFoundError:  # the first block of this cache
+            os.makedirs(d, exist_ok=True)
+            return SpooledBlock(path, os.open(path, flags, 0o644))
 
     def adopt(self, spooled: SpooledBlock, expected: str | None,
               before_write: Callable[[str], None] | None = None) -> tuple[str, str]:
