@@ -8,6 +8,7 @@ listed (``read_range``). It knows nothing about caches; retries live in
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,8 @@ from ..model import FileEntry, Snapshot
 
 if TYPE_CHECKING:
     from ..cache.store import SpooledBlock
+
+log = logging.getLogger(__name__)
 
 # Receives the bytes of a range in order, in chunks of any size (see also ``Spool``).
 Sink = Callable[[bytes], Awaitable[None]]
@@ -160,9 +163,15 @@ async def preload_sources() -> None:
 
     Nearly every dataset is read over HTTP (http, https, hf, oci); its first
     import (urllib3) took 65 ms from a cold page cache on the development VM,
-    which the first pull of an agent's life would otherwise wait for.
+    which the first pull of an agent's life would otherwise wait for. A
+    failed import is only logged here: the agent runs on, and datasets of
+    that scheme get the error when they open their source.
     """
-    await _import(_REGISTRY["http"][0])
+    module_name = _REGISTRY["http"][0]
+    try:
+        await _import(module_name)
+    except Exception as e:  # a broken installation: not a reason to stop the agent
+        log.warning("cannot import %s: %s: %s", module_name, type(e).__name__, e)
 
 
 _imported: set[str] = set()

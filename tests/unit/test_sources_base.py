@@ -124,3 +124,18 @@ async def test_a_slow_source_import_does_not_stall_the_trio_thread(tmp_path, mon
     assert type(src).__name__ == "FileSource"  # the class the slow module exports
     assert len(gaps) >= 20, gaps  # the ticker ran during the import
     assert max(gaps) < 0.25, max(gaps)
+
+
+async def test_preloading_a_broken_source_module_only_logs(tmp_path, monkeypatch, caplog):
+    """The agent imports the HTTP source at start; a module that fails to
+    import (here: raises at import) must not stop the agent, and a dataset
+    of that scheme still gets the error when it opens its source."""
+    (tmp_path / "broken_source_mod.py").write_text("raise RuntimeError('half-installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(base._REGISTRY, "http", ("broken_source_mod", "HttpSource", None))
+    monkeypatch.delitem(sys.modules, "broken_source_mod", raising=False)
+    with caplog.at_level("WARNING", logger="syncbit.sources.base"):
+        await base.preload_sources()
+    assert "cannot import broken_source_mod: RuntimeError: half-installed" in caplog.text
+    with pytest.raises(RuntimeError, match="half-installed"):
+        await open_source("http://127.0.0.1:1/x")
