@@ -93,6 +93,10 @@ class Snapshot:
             raise HostileName(f"source listed the same file twice in {self.uri}")
         for p in paths:
             safe_relpath(p)
+        dirs = {p[:i] for p in paths for i, c in enumerate(p) if c == "/"}
+        both = sorted(dirs.intersection(paths))
+        if both:
+            raise HostileName(f"source lists {both[0]!r} both as a file and as a directory in {self.uri}")
         if not self.id:
             object.__setattr__(self, "id", snapshot_id(self.uri, self.revision, self.files, self.options))
 

@@ -95,7 +95,13 @@ def index_link(root, page: str, href: str) -> tuple[str, bool] | None:
             raise HostileName(f"index page {page} links outside the origin: {href!r}")
     if parts.query:
         return None
-    page_segs = _segments(urlsplit(page).path)
+    if parts.path in ("..", "../"):
+        return None  # "Parent Directory": nginx writes it on the origin's root page too
+    # Segments are compared unquoted: servers escape differently (Apache
+    # leaves "(" and ":" alone and writes lowercase hex; page URLs here come
+    # from quote()). Only a literal ".." navigates; an encoded one is a name
+    # and refused below.
+    page_segs = [unquote(s) for s in _segments(urlsplit(page).path)]
     stack = [] if parts.path.startswith("/") else list(page_segs)
     for seg in parts.path.split("/"):
         if seg in ("", "."):
@@ -105,18 +111,30 @@ def index_link(root, page: str, href: str) -> tuple[str, bool] | None:
                 raise HostileName(f"index page {page} links outside the dataset root (above the origin's root): {href!r}")
             stack.pop()
         else:
-            stack.append(seg)
+            stack.append(unquote(seg))
     if stack == page_segs or stack == page_segs[:-1]:
         return None  # self and "Parent Directory"
     if stack[:-1] != page_segs:
         raise HostileName(f"index page {page} links outside its directory (escaping the dataset root?): {href!r}")
-    name = unquote(stack[-1])
+    name = stack[-1]
     if "/" in name or name in (".", ".."):
         raise HostileName(f"index page {page} has a link escaping the dataset root: {href!r}")
-    rel_dir = "/".join(unquote(s) for s in page_segs[len(_segments(root.path)):])
+    rel_dir = "/".join(page_segs[len(_segments(root.path)):])
     rel = f"{rel_dir}/{name}" if rel_dir else name
     safe_relpath(rel)
     return rel, parts.path.endswith("/")
+
+
+def urlsplit_checked(uri: str):
+    """``urlsplit`` for a source URL, with its host and port checked (MalformedURI otherwise)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise MalformedURI(f"malformed URL {uri!r}: {e}") from None
+    if not parts.netloc or not parts.hostname:
+        raise MalformedURI(f"malformed URL {uri!r}: no host")
+    return parts
 
 
 def _status_error(status: int, url: str) -> Exception:
@@ -154,9 +172,11 @@ class HttpSource(Source):
 
     def __init__(self, uri: str, options=None) -> None:
         super().__init__(uri, options)
-        parts = urlsplit(uri)
-        if not parts.netloc or not parts.hostname:
-            raise MalformedURI(f"malformed URL {uri!r}: no host")
+        parts = urlsplit_checked(uri)
+        if parts.username is not None or parts.password is not None:
+            # Neither sent nor kept: they would reach error messages and logs.
+            shown = parts._replace(netloc=f"***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
+            raise MalformedURI(f"URL {shown}: credentials in the URL are not supported")
         if parts.query or parts.fragment:
             raise MalformedURI(f"URL {uri!r}: query strings and fragments are not supported in a source URI")
         self.pool = urllib3.PoolManager(num_pools=8, maxsize=32, headers=_HEADERS, timeout=_TIMEOUT,
@@ -343,6 +363,9 @@ def deliver_range(r, url: str, offset: int, length: int, sink: Sink, *, check) -
         check(r)
         if r.status == 206:
             skip = offset - _range_start(r)
+            if skip < 0:  # nothing to skip to: the bytes asked for are not in this answer
+                raise SourceError(f"{url}: asked for bytes from {offset}, the origin answered a range "
+                                  f"starting at {offset - skip} ({r.headers.get('content-range')!r})")
         elif r.status == 200:
             skip = offset  # Range ignored: read from the start
         else:

@@ -163,6 +163,16 @@ def test_snapshot_refuses_duplicate_paths():
         snap([entry("a.bin", 1), entry("a.bin", 2, fo="x")])
 
 
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["x/a/b/c", "x/a"], ["x/a", "x/a/b", "y"]])
+def test_snapshot_refuses_a_name_that_is_a_file_and_a_directory(paths):
+    # An index page listing both "a" and "a/" (with "b" inside): the tree
+    # cannot hold both, so the listing is refused as the source's lie, with
+    # the name in the message, rather than failing later in the mount.
+    with pytest.raises(HostileName, match="both as a file and as a directory"):
+        snap([entry(p, 1, fo=p) for p in paths])
+    snap([entry("a.bin", 1), entry("a/b", 1, fo="y"), entry("ab/c", 1, fo="z")])  # prefixes, not collisions
+
+
 def test_snapshot_refuses_hostile_paths():
     # A listing smuggling a path out of the root must not produce a snapshot.
     with pytest.raises(HostileName):

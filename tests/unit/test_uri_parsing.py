@@ -6,6 +6,7 @@ import pytest
 
 from syncbit.errors import HostileName, MalformedURI
 from syncbit.sources.hf import parse_hf
+from syncbit.sources.http import HttpSource
 from syncbit.sources.s3 import parse_s3_uri
 
 
@@ -73,3 +74,28 @@ def test_revisions_are_refused_for_sources_without_them():
 
     with pytest.raises(ConfigError):
         with_revision("s3://bucket/prefix/", "v2")
+
+
+@pytest.mark.parametrize("uri", [
+    "http://[::1",          # unclosed IPv6 literal
+    "http://[zz]/x",        # not an address
+    "http://host:abc/x",    # port not a number
+    "http://host:99999/x",  # port out of range
+    "http:///x",            # no host
+    "https://:8080/x",      # no host, a port
+])
+def test_malformed_http_urls_are_malformed_uri(uri):
+    # Before, the first two raised a bare ValueError (HTTP 500 from the agent,
+    # exit 1) and a bad port SourceError (exit 3); all are exit 5.
+    with pytest.raises(MalformedURI, match="malformed URL"):
+        HttpSource(uri)
+
+
+def test_credentials_in_an_http_url_are_refused_without_echoing_them():
+    # They were neither sent nor kept out of error messages: now refused,
+    # and the message shows neither the user name nor the password.
+    with pytest.raises(MalformedURI, match="credentials") as e:
+        HttpSource("http://alice:s3cr3t@127.0.0.1:8080/data/")
+    assert "s3cr3t" not in str(e.value) and "alice" not in str(e.value)
+    with pytest.raises(MalformedURI):
+        HttpSource("https://token@example.invalid/x")
