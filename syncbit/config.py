@@ -121,20 +121,20 @@ def _convert(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: must be in (0, 1], got {v}")
         return v
     if key in _BOOL_KEYS:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return str(value).lower() in ("true", "1", "yes")
+        return _parse_bool(key, value)
     if key == "insecure_registries":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
             raise ConfigError("insecure_registries: expected a list of host:port")
         return tuple(i.strip() for i in items if i.strip())
     if key == "cache_quota":
-        if isinstance(value, float) and 0 < value <= 1:
-            return value  # a share of the filesystem, as the default 0.8 is
         s = str(value).strip()
+        try:
+            share = float(s)
+        except ValueError:
+            share = None
+        if share is not None and 0 < share <= 1 and not isinstance(value, bool):
+            return share  # a share of the filesystem, as the default 0.8 is; the same from the environment
         if s.endswith("%"):
             try:
                 pct = float(s[:-1])
@@ -143,7 +143,10 @@ def _convert(key: str, value: Any) -> Any:
             if not 0 < pct <= 100:
                 raise ConfigError(f"cache_quota: percentage must be in (0, 100], got {s}")
             return pct / 100
-        return parse_size(value, key=key)
+        quota = parse_size(value, key=key)
+        if quota <= 0:
+            raise ConfigError(f"cache_quota: must be more than 0, got {value!r}")
+        return quota
     if key == "labels":
         if isinstance(value, str):  # env form: "gpu=h100,zone=a"
             items = [kv for kv in value.split(",") if kv]
@@ -163,15 +166,34 @@ def _convert(key: str, value: Any) -> Any:
                 raise ConfigError(f"datasets: each entry needs name and uri (and optionally "
                                   f"{', '.join(sorted(_DATASET_KEYS - {'name', 'uri'}))}), got {item!r}")
             options = {k: str(item[k]) for k in SOURCE_OPTIONS if item.get(k) is not None}
-            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), bool(item.get("pin", True)), options))
+            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), _parse_bool("datasets: pin", item.get("pin", True)),
+                                     options))
         return tuple(specs)
     if key == "log_format" and value not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {value!r}")
+    if key == "log_level":
+        if not isinstance(value, str) or value.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+        return value.upper()
     if key == "server":
         return check_server_url(str(value))
     if key in ("listen", "metrics_listen", "peer_listen", "peer_advertise", "registry_mirror_listen"):
         return check_listen(str(value), key)
+    if value is None or not isinstance(value, str | int | float) or isinstance(value, bool):
+        # YAML's empty value, a list or a mapping: str() would make a path of "None" or "['a', 'b']"
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     return str(value)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return str(value).lower() in ("true", "1", "yes")
 
 
 def check_server_url(url: str) -> str:

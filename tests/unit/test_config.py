@@ -260,3 +260,54 @@ def test_registry_mirror_and_insecure_registries_keys(tmp_path):
         f.write_text(text)
         with pytest.raises(ConfigError, match=why):
             load_agent_config(f, env={})
+
+
+@pytest.mark.parametrize("text", [
+    "cache_dir:\n",             # YAML's empty value: was the relative path 'None'
+    "mountpoint: null\n",
+    "mountpoint: [a, b]\n",     # was the path "['a', 'b']"
+    "socket: {a: 1}\n",
+    "node_name: true\n",
+])
+def test_values_that_are_not_strings_are_refused(write_config, text):
+    with pytest.raises(ConfigError, match="expected a string"):
+        load_agent_config(write_config(text), env={})
+
+
+def test_a_number_is_still_a_name(write_config):
+    assert load_agent_config(write_config("node_name: 42\n"), env={}).node_name == "42"
+
+
+@pytest.mark.parametrize("pin,expected", [("'false'", False), ("'no'", False), ("false", False), ("'yes'", True)])
+def test_dataset_pin_is_parsed_as_a_boolean(write_config, pin, expected):
+    # bool('false') is True: a dataset written with pin: 'false' used to be pinned.
+    cfg = load_agent_config(write_config(f"datasets:\n- {{name: x, uri: 'http://h/x/', pin: {pin}}}\n"), env={})
+    assert cfg.datasets[0].pin is expected
+
+
+def test_dataset_pin_that_is_no_boolean_is_refused(write_config):
+    with pytest.raises(ConfigError, match="pin"):
+        load_agent_config(write_config("datasets:\n- {name: x, uri: 'http://h/x/', pin: sometimes}\n"), env={})
+
+
+def test_log_level_is_checked(write_config):
+    # It was taken as given, and `syncbit daemon` then died with a traceback.
+    with pytest.raises(ConfigError, match="log_level"):
+        load_agent_config(write_config("log_level: BOGUS\n"), env={})
+    with pytest.raises(ConfigError, match="log_level"):
+        load_agent_config(env={"SYNCBIT_LOG_LEVEL": "loud"})
+    assert load_agent_config(env={"SYNCBIT_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
+def test_a_fraction_quota_means_the_same_from_the_environment(write_config):
+    # cache_quota: 0.5 in YAML is half of the filesystem; SYNCBIT_CACHE_QUOTA=0.5
+    # was parsed as a size and became a quota of 0 bytes.
+    assert load_agent_config(env={"SYNCBIT_CACHE_QUOTA": "0.5"}).cache_quota == 0.5
+    assert load_agent_config(write_config("cache_quota: '0.25'\n"), env={}).cache_quota == 0.25
+    assert load_agent_config(env={"SYNCBIT_CACHE_QUOTA": "2"}).cache_quota == 2  # more than 1: bytes
+
+
+@pytest.mark.parametrize("value", ["0", "0B", "0GiB"])
+def test_a_zero_quota_is_refused(value):
+    with pytest.raises(ConfigError, match="more than 0"):
+        load_agent_config(env={"SYNCBIT_CACHE_QUOTA": value})
