@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sqlite3
 import time
 from collections import Counter, OrderedDict
@@ -75,6 +76,10 @@ class BlockCache:
         self._fo_blocks: dict[str, dict[int, str]] = {}
         self._in_use: Counter[str] = Counter()
         self._fds: OrderedDict[str, int] = OrderedDict()
+        # Half the process's descriptors at most: sockets, the mount and SQLite need the rest.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_open_files = OPEN_BLOCK_FILES if soft == resource.RLIM_INFINITY else \
+            max(16, min(OPEN_BLOCK_FILES, soft // 2))
         self._access: dict[str, tuple[float, int]] = {}
         self.bytes = 0
         self.hits = 0
@@ -200,10 +205,29 @@ class BlockCache:
         if fd is not None:
             self._fds.move_to_end(block_id)
             return fd
-        fd = self._fds[block_id] = self.store.open(block_id)
-        if len(self._fds) > OPEN_BLOCK_FILES:
+        try:
+            fd = self.store.open(block_id)
+        except FileNotFoundError:
+            self.lose(block_id)
+            raise
+        self._fds[block_id] = fd
+        if len(self._fds) > self.max_open_files:
             os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def lose(self, block_id: str) -> None:
+        """Forget a block whose file is gone or damaged (deleted, truncated under us).
+
+        It is no longer present, whoever holds it, so the next read of it
+        fetches it again instead of finding the same broken file.
+        """
+        if block_id not in self._present:
+            return
+        log.error("block %s… is missing or damaged in %s; it will be fetched again", block_id[:16], self.dir)
+        self.bytes -= self._present.pop(block_id)
+        self._close_fd(block_id)
+        self.store.remove(block_id)
+        self.index.remove_blocks([block_id])
 
     def _close_fd(self, block_id: str) -> None:
         fd = self._fds.pop(block_id, None)
@@ -261,24 +285,39 @@ class BlockCache:
         return await self._put(fo, idx, data, expected, self.store.write)
 
     async def _put(self, fo: str, idx: int, data, expected: str | None, store) -> str:
+        held: list[str] = []
+
+        def known_and_held(block_id: str) -> None:
+            self._record_known(fo, idx, block_id)
+            # Held until it is recorded as present: a block already stored
+            # (dedup) must not be evicted between the store's "the file
+            # exists" and the lines below, or it would count as present
+            # without a file.
+            self.hold(block_id)
+            held.append(block_id)
+
         def known(block_id: str) -> None:
             # Runs in the worker thread between hashing and renaming: the
             # (file object, index) -> id row exists before the block file does,
             # so a block renamed just before a crash is adopted at the next
             # start *and* found again, not downloaded twice.
-            trio.from_thread.run_sync(self._record_known, fo, idx, block_id)
+            trio.from_thread.run_sync(known_and_held, block_id)
 
-        bid, checksum = await trio.to_thread.run_sync(store, data, expected, known, limiter=self._io)
-        if bid not in self._present:
-            self._uncommitted = True
-            try:
-                self.index.add_block(bid, len(data), checksum, time.time())
-            except sqlite3.OperationalError as e:  # "database or disk is full"
-                raise CacheFull(f"cache index in {self.dir}: {e}") from None
-            self._present[bid] = len(data)
-            self.bytes += len(data)
-            if self.bytes > self.quota * self.high_watermark:
-                self._pressure.set()
+        try:
+            bid, checksum = await trio.to_thread.run_sync(store, data, expected, known, limiter=self._io)
+            if bid not in self._present:
+                self._uncommitted = True
+                try:
+                    self.index.add_block(bid, len(data), checksum, time.time())
+                except sqlite3.OperationalError as e:  # "database or disk is full"
+                    raise CacheFull(f"cache index in {self.dir}: {e}") from None
+                self._present[bid] = len(data)
+                self.bytes += len(data)
+                if self.bytes > self.quota * self.high_watermark:
+                    self._pressure.set()
+        finally:
+            for b in held:
+                self.release(b)
         return bid
 
     def forget_file_object(self, fo: str) -> None:

@@ -28,6 +28,23 @@ _config_option = click.option("--config", "config_path", type=click.Path(dir_oka
                               envvar="SYNCBIT_CONFIG", help="Agent config (YAML).")
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as daemons do.
+
+    The cache keeps up to OPEN_BLOCK_FILES block files open; with the usual
+    soft limit of 1024 that left the agent no descriptor for anything else
+    (the cache sizes its table from the limit in any case).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # a container that forbids it: the cache uses half of what there is
+
+
 def _run_agent(cfg: AgentConfig, foreground: bool, argv: list[str]) -> None:
     if foreground:
         import trio
@@ -37,6 +54,7 @@ def _run_agent(cfg: AgentConfig, foreground: bool, argv: list[str]) -> None:
 
         setup_logging(cfg.log_level, cfg.log_format)
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        _raise_fd_limit()
         trio.run(Agent(cfg).run)
         return
     _detach(cfg, argv)

@@ -239,7 +239,8 @@ class Fetcher:
             self.cache.hold(bid)  # not evicted while being read
         fds: list[int] = []
         try:
-            fds = [self.cache.store.open(bid) for bid in ids]
+            for bid in ids:  # one by one: those opened before a missing one are closed below
+                fds.append(self.cache.store.open(bid))
             got = await trio.to_thread.run_sync(_digest_of, algo, fds, limiter=self._hash_limiter)
         finally:
             for fd in fds:

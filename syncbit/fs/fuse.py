@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from ..cache import BlockCache
 from ..errors import SyncbitError
@@ -163,38 +164,60 @@ class SyncbitFS(pyfuse3.Operations):
         first, last = off // bs, (end - 1) // bs
         sequential = off == h.next_offset
         h.next_offset = end
-        fds = [self._local_fd(h, idx, sequential) for idx in range(first, last + 1)]
-        if None in fds:
+        try:
+            fds = [self._local_fd(h, idx, sequential) for idx in range(first, last + 1)]
+            if None not in fds:
+                # All present (the common case). From here to the return there is no await: the reply buffer is
+                # shared by all requests, and pyfuse3 copies it to /dev/fuse as soon as this coroutine returns,
+                # before any other task runs.
+                buf = self._reply_buffer(end - off)
+                pos = 0
+                for idx, fd in zip(range(first, last + 1), fds):
+                    base = idx * bs
+                    lo = max(off, base) - base
+                    n = min(end, base + bs) - base - lo
+                    if os.preadv(fd, [buf[pos:pos + n]], lo) < n:
+                        self._damaged(entry, idx)
+                        break  # fetched again below
+                    pos += n
+                else:
+                    _SERVED.inc(pos)
+                    return buf[:pos]
             # A miss: fetch block by block and copy each one's bytes at once.
             # Waiting for all of them before copying could livelock under a
             # tiny quota (fetching the second block evicts the first), and a
             # descriptor taken before an await may be closed meanwhile.
             parts = []
             for idx in range(first, last + 1):
-                fd = self._local_fd(h, idx, sequential)
-                if fd is None:
-                    fd = await self._fetch_fd(h, idx)
                 base = idx * bs
                 lo = max(off, base) - base
-                parts.append(os.pread(fd, min(end, base + bs) - base - lo, lo))  # no await since the fd
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            _SERVED.inc(len(data))
-            return data
-        # All present (the common case). From here to the return there is no await: the reply buffer is shared
-        # by all requests, and pyfuse3 copies it to /dev/fuse as soon as this
-        # coroutine returns, before any other task runs.
-        buf = self._reply_buffer(end - off)
-        pos = 0
-        for idx, fd in zip(range(first, last + 1), fds):
-            base = idx * bs
-            lo = max(off, base) - base
-            n = min(end, base + bs) - base - lo
-            got = os.preadv(fd, [buf[pos:pos + n]], lo)
-            pos += got
-            if got < n:
-                break  # a short block file: answer what there is, as pread did
-        _SERVED.inc(pos)
-        return buf[:pos]
+                parts.append(await self._block_bytes(h, idx, lo, min(end, base + bs) - base - lo, sequential))
+        except OSError as e:  # EMFILE, EIO of the cache disk...: this read fails, the mount goes on
+            log.error("read failed: dataset %s file %s offset %d: %s", h.dataset, entry.path, off, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        _SERVED.inc(len(data))
+        return data
+
+    async def _block_bytes(self, h: OpenFile, idx: int, lo: int, n: int, sequential: bool) -> bytes:
+        """``n`` bytes of block ``idx`` from offset ``lo``, fetching the block if needed."""
+        for _ in range(3):
+            fd = self._local_fd(h, idx, sequential)
+            if fd is None:
+                fd = await self._fetch_fd(h, idx)
+            data = os.pread(fd, n, lo)  # no await since the fd was taken
+            if len(data) == n:
+                return data
+            self._damaged(h.entry, idx)
+        log.error("read failed: dataset %s file %s block %d: its block file keeps coming out short",
+                  h.dataset, h.entry.path, idx)
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def _damaged(self, entry: FileEntry, idx: int) -> None:
+        """A block file shorter than its block (truncated on disk): forget it, so that it is fetched again."""
+        bid = self.cache.present_block(entry.file_object, idx)
+        if bid is not None:
+            self.cache.lose(bid)
 
     def _reply_buffer(self, size: int) -> memoryview:
         """A page-aligned buffer of at least ``size`` bytes, reused by every read.
@@ -229,7 +252,7 @@ class SyncbitFS(pyfuse3.Operations):
 
     async def _fetch_fd(self, h: OpenFile, idx: int) -> int:
         entry = h.entry
-        while True:
+        for _ in range(3):
             try:
                 bid = await self.fetcher.read_block(h.source, entry, idx, self.readahead_blocks)
             except SyncbitError as e:
@@ -238,10 +261,16 @@ class SyncbitFS(pyfuse3.Operations):
             try:
                 fd = self.cache.block_fd(bid)
             except FileNotFoundError:
-                continue  # evicted between its arrival and now: fetch again
+                # Evicted between its arrival and now, or its file deleted
+                # under the agent (block_fd forgot it): fetch it again.
+                await trio.lowlevel.checkpoint()
+                continue
             if idx not in h.touched:
                 self._first_touch(h, idx, bid, hit=False, sequential=True)
             return fd
+        log.error("read failed: dataset %s file %s block %d: its block file disappears as soon as it is stored",
+                  h.dataset, entry.path, idx)
+        raise pyfuse3.FUSEError(errno.EIO)
 
     def _first_touch(self, h: OpenFile, idx: int, bid: str, *, hit: bool, sequential: bool) -> None:
         h.touched.add(idx)

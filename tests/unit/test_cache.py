@@ -428,3 +428,51 @@ async def test_restart_after_crash_removes_spooled_temp_files(caches):
     crash(c)
     c2 = reopen(c, caches)
     assert not Path(half.path).exists() and c2.bytes == 0
+
+
+async def test_eviction_during_a_deduplicated_put_does_not_leave_a_block_without_its_file(tmp_path):
+    # Two file objects with the same bytes. While the second put's worker
+    # thread has found the block file already there (dedup) and not yet
+    # returned, eviction runs. Before, it removed the file and the put then
+    # counted the block as present again: a present block without a file.
+    import threading
+
+    cache = BlockCache(tmp_path / "c", quota=10**9)
+    cache.open()
+    data = os.urandom(4096)
+    bid = await cache.put("fo-A", 0, data, None)
+    in_store, go = threading.Event(), threading.Event()
+    write = cache.store.write
+
+    def write_then_wait(*args, **kwargs):
+        result = write(*args, **kwargs)  # dedup: the file exists, nothing written
+        in_store.set()
+        go.wait(10)
+        return result
+
+    cache.store.write = write_then_wait
+    evicted = []
+
+    async def evict_meanwhile():
+        await trio.to_thread.run_sync(in_store.wait, 10)
+        evicted.append(cache.evict(0))
+        go.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(evict_meanwhile)
+        assert await cache.put("fo-B", 0, data, None) == bid
+    assert evicted == [0]  # held by the put: not evicted under it
+    assert cache.present_block("fo-B", 0) == bid and os.path.exists(cache.store.path(bid))
+    assert cache.evict(0) == 1 and not os.path.exists(cache.store.path(bid))  # and evictable afterwards
+    assert cache.bytes == 0
+
+
+async def test_a_lost_block_is_forgotten_and_its_bytes_uncounted(tmp_path):
+    cache = BlockCache(tmp_path / "c", quota=10**9)
+    cache.open()
+    bid = await cache.put("fo-A", 0, b"x" * 100, None)
+    os.unlink(cache.store.path(bid))
+    with pytest.raises(FileNotFoundError):
+        cache.block_fd(bid)
+    assert cache.present_block("fo-A", 0) is None and cache.bytes == 0
+    assert bid not in cache.index.block_sizes()

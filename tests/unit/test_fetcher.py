@@ -397,3 +397,21 @@ def test_git_sha1_digest_is_git_blob_id(tmp_path):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def test_verify_closes_the_block_files_it_opened_when_one_is_missing(fetcher, source, cache):
+    # The block files were opened in one list comprehension: when one was
+    # missing, those opened before it were never closed (3 per attempt).
+    data = DATA[:4 * BS]
+    entry = make_entry(data, fo="fo-v")
+    source.files["w.bin"] = data
+    for i in range(4):
+        await fetcher.read_block(source, entry, i)
+    entry = FileEntry(path=entry.path, size=entry.size, locator=entry.locator, validator=entry.validator,
+                      file_object=entry.file_object, digest="sha256:" + hashlib.sha256(data).hexdigest())
+    os.unlink(cache.store.path(cache.present_block("fo-v", 3)))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(FileNotFoundError):
+            await fetcher.verify_file(entry)
+    assert len(os.listdir("/proc/self/fd")) == before
