@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import trio
 
 from syncbit.errors import SourceError
 from syncbit.sources import open_source
+
+from ..servers.threaded import serving
 
 SIZE = 1 << 30  # what the origin claims the file holds
 BODY = 256 << 20  # what it sends for any range
@@ -49,15 +50,8 @@ class _ShiftedRanges(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def shifted_origin():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ShiftedRanges)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/big.bin"
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
+    with serving(_ShiftedRanges) as url:
+        yield f"{url}/big.bin"
 
 
 async def test_a_range_answer_starting_after_the_offset_is_refused_at_once(shifted_origin):

@@ -18,17 +18,18 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import urllib.parse
 import urllib.request
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from syncbit.sources import open_source
+
+from ..servers.threaded import serving
 
 TREE = {
     "README.md": b"# a dataset\n",
@@ -168,15 +169,8 @@ def styled_server(request, tmp_path):
     (root / under).mkdir(parents=True, exist_ok=True)
     _make_tree(root / under)
     handler = type("Handler", (_StyledIndex,), {"style": style})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/{under}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
+    with serving(partial(handler, directory=str(root))) as url:
+        yield f"{url}/{under}"
 
 
 async def test_apache_and_nginx_index_pages(styled_server):
