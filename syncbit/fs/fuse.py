@@ -29,6 +29,8 @@ from .vfs import ROOT_INODE, Node, Vfs
 _SERVED = BYTES.labels(origin="cache")  # bound once: the read path stays cheap
 log = logging.getLogger(__name__)
 
+_FETCH_ATTEMPTS = 10  # a block gone again each time it is stored: EIO after this many fetches
+
 # Snapshots are immutable, so the kernel may cache names and attributes long;
 # the root changes when datasets come and go and is invalidated explicitly.
 _LONG = 86400.0
@@ -252,7 +254,10 @@ class SyncbitFS(pyfuse3.Operations):
 
     async def _fetch_fd(self, h: OpenFile, idx: int) -> int:
         entry = h.entry
-        for _ in range(3):
+        # Each attempt awaits a real fetch (a block whose file is gone is no
+        # longer present), so this is no spin; under a tiny quota a block may
+        # be evicted between its arrival and this reader a few times.
+        for _ in range(_FETCH_ATTEMPTS):
             try:
                 bid = await self.fetcher.read_block(h.source, entry, idx, self.readahead_blocks)
             except SyncbitError as e:
