@@ -166,8 +166,8 @@ def _convert(key: str, value: Any) -> Any:
                 raise ConfigError(f"datasets: each entry needs name and uri (and optionally "
                                   f"{', '.join(sorted(_DATASET_KEYS - {'name', 'uri'}))}), got {item!r}")
             options = {k: str(item[k]) for k in SOURCE_OPTIONS if item.get(k) is not None}
-            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), _parse_bool("datasets: pin", item.get("pin", True)),
-                                     options))
+            pin = _parse_bool("datasets: pin", item.get("pin", True))
+            specs.append(DatasetSpec(str(item["name"]), str(item["uri"]), pin, options))
         return tuple(specs)
     if key == "log_format" and value not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {value!r}")

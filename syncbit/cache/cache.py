@@ -221,13 +221,9 @@ class BlockCache:
         It is no longer present, whoever holds it, so the next read of it
         fetches it again instead of finding the same broken file.
         """
-        if block_id not in self._present:
-            return
-        log.error("block %s… is missing or damaged in %s; it will be fetched again", block_id[:16], self.dir)
-        self.bytes -= self._present.pop(block_id)
-        self._close_fd(block_id)
-        self.store.remove(block_id)
-        self.index.remove_blocks([block_id])
+        if block_id in self._present:
+            log.error("block %s… is missing or damaged in %s; it will be fetched again", block_id[:16], self.dir)
+            self._remove([block_id])
 
     def _close_fd(self, block_id: str) -> None:
         fd = self._fds.pop(block_id, None)
@@ -388,6 +384,11 @@ class BlockCache:
 
     def drop_blocks(self, ids: list[str]) -> None:
         ids = [i for i in ids if i in self._present and i not in self._in_use]
+        self._remove(ids)
+        self.evicted_blocks += len(ids)
+
+    def _remove(self, ids: list[str]) -> None:
+        """Remove present blocks: counts, descriptors, files, index rows."""
         # Readers pread a descriptor without an await in between, so closing
         # it here never cuts a read short; the next read refetches.
         for i in ids:
@@ -395,7 +396,6 @@ class BlockCache:
             self._close_fd(i)
             self.store.remove(i)
         self.index.remove_blocks(ids)
-        self.evicted_blocks += len(ids)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Service: group commits, access statistics, eviction down to the low watermark under pressure."""
