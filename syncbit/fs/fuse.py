@@ -92,11 +92,17 @@ class SyncbitFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         try:
-            return self._attr(self.vfs.lookup(parent_inode, os.fsdecode(name)))
+            node = self.vfs.lookup(parent_inode, os.fsdecode(name))
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except NotADirectoryError:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        self.vfs.ref(node)
+        return self._attr(node)
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.vfs.forget(inode, count)
 
     async def getattr(self, inode, ctx=None):
         try:
@@ -133,6 +139,7 @@ class SyncbitFS(pyfuse3.Operations):
         for i, (name, node) in enumerate(entries[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), i):
                 break
+            self.vfs.ref(node)  # an entry with attributes counts as a lookup
 
     async def releasedir(self, fh):
         pass

@@ -2,9 +2,15 @@
 
 Knows nothing about pyfuse3 or the kernel; ``fuse.py`` translates. The root
 lists datasets; ``<name>/`` shows the dataset's current snapshot and
-``<name>@<revision>/`` a pinned one by its revision. Replacing a dataset's
-snapshot swaps one dict entry (atomic between awaits); nodes of the old
-snapshot stay valid for files already open.
+``<name>@<revision>/`` the current or the previous one by its revision.
+Replacing a dataset's snapshot swaps one dict entry (atomic between awaits).
+
+Nodes live as long as something can reach them: a tree reachable by name, or
+the kernel, which may use any inode it was told about (``ref``) until it
+forgets it (``forget``). A tree that is no longer reachable by name is
+detached: its nodes the kernel does not hold go at once, the others when the
+kernel forgets them. Without this every snapshot switch would keep a whole
+tree (one node per file) for the life of the agent.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import dataclass, field
 from ..model import FileEntry, Snapshot
 
 ROOT_INODE = 1
+# Revisions of a dataset reachable as <name>@<revision> besides the current one.
+PREVIOUS_REVISIONS = 1
 
 
 @dataclass(eq=False)
@@ -28,6 +36,7 @@ class Node:
     entry: FileEntry | None = None
     mtime: float = 0.0
     children: dict[str, Node] = field(default_factory=dict)
+    detached: bool = False  # its tree is no longer reachable by name: freed once the kernel forgets it
 
     @property
     def size(self) -> int:
@@ -46,7 +55,8 @@ class Vfs:
         self.root = Node(ROOT_INODE, "", True, mtime=time.time())
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
         self._current: dict[str, Node] = {}  # dataset -> root node of its current snapshot
-        self._by_revision: dict[tuple[str, str], Node] = {}
+        self._by_revision: dict[tuple[str, str], Node] = {}  # current and previous trees, oldest first
+        self._kernel_refs: dict[int, int] = {}  # inode -> lookups the kernel has not forgotten
 
     def _new(self, name: str, is_dir: bool, **kw) -> Node:
         node = Node(self._next_inode, name, is_dir, **kw)
@@ -82,20 +92,60 @@ class Vfs:
         key = (name, snap.revision)
         top = self._by_revision.get(key)
         if top is None or top.snapshot.id != snap.id:
-            top = self._by_revision[key] = self._build(name, snap)
+            built = self._build(name, snap)
+            if top is not None:  # a moving revision (a branch) now names other bytes
+                self._detach(top)
+            top = built
+        self._by_revision.pop(key, None)
+        self._by_revision[key] = top  # the newest last
         old = self._current.get(name)
         self._current[name] = top
         self.root.children[name] = top
         self.root.mtime = time.time()
+        mine = [k for k in self._by_revision if k[0] == name]
+        for k in mine[:-1 - PREVIOUS_REVISIONS]:
+            self._detach(self._by_revision.pop(k))
         return old if old is not top else None
 
     def remove_dataset(self, name: str) -> Node | None:
         old = self._current.pop(name, None)
         self.root.children.pop(name, None)
         for key in [k for k in self._by_revision if k[0] == name]:
-            del self._by_revision[key]
+            self._detach(self._by_revision.pop(key))
         self.root.mtime = time.time()
         return old
+
+    def _detach(self, top: Node) -> None:
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            node.detached = True
+            if node.inode not in self._kernel_refs:
+                del self._nodes[node.inode]
+            stack.extend(node.children.values())
+
+    # -- the kernel's references -------------------------------------------
+
+    def ref(self, node: Node) -> None:
+        """The kernel was told about ``node`` (a lookup or a directory entry with attributes).
+
+        A detached node may be found again through a directory of its tree
+        that the kernel still holds (a shell's working directory): it lives
+        again until the kernel forgets it.
+        """
+        self._kernel_refs[node.inode] = self._kernel_refs.get(node.inode, 0) + 1
+        self._nodes.setdefault(node.inode, node)
+
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel dropped ``count`` of its references to ``inode``."""
+        left = self._kernel_refs.get(inode, 0) - count
+        if left > 0:
+            self._kernel_refs[inode] = left
+            return
+        self._kernel_refs.pop(inode, None)
+        node = self._nodes.get(inode)
+        if node is not None and node.detached:
+            del self._nodes[inode]
 
     # -- queries ------------------------------------------------------------
 

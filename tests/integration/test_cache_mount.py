@@ -204,3 +204,48 @@ def test_full_disk_fails_the_pull_cleanly_and_keeps_serving(tmp_path, tmpfs_fact
     # Evicting the dataset gives the space back; the small file is then served.
     agent.cli("evict", "full")
     assert (agent.mnt / "full" / "small.txt").read_bytes() == b"small file"
+
+
+def test_snapshot_switches_do_not_keep_old_trees(tmp_path, agent_factory):
+    # Re-pull a local tree after each change: every pull shows a new snapshot.
+    # The mount's inode count (statfs f_files) must stay at the current and
+    # the previous tree once the kernel forgets the old inodes; it used to
+    # grow by a whole tree per switch. A file opened early keeps its bytes
+    # across all the switches (the kernel holds its inode while it is open),
+    # and so does a directory held open (a shell's working directory): a
+    # name looked up in it later is the first snapshot's file.
+    files = {f"d{i % 3}/f{i}.bin": _data(i, 1000 + i) for i in range(30)}
+    per_tree = 1 + 3 + 30
+    src = write_tree(tmp_path / "set", files)
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", str(src), "--name", "ds")
+    first = dict(files)
+    cwd = os.open(agent.mnt / "ds" / "d1", os.O_RDONLY | os.O_DIRECTORY)
+    with open(agent.mnt / "ds" / "d0" / "f0.bin", "rb") as early:
+        for n in range(1, 7):
+            files["d1/f1.bin"] = _data(100 + n, 2000 + n)
+            (src / "d1" / "f1.bin").write_bytes(files["d1/f1.bin"])
+            agent.cli("pull", str(src), "--name", "ds")
+            _wait(lambda: (agent.mnt / "ds" / "d1" / "f1.bin").read_bytes() == files["d1/f1.bin"],
+                  what=f"snapshot {n} in the mount")
+            for rel, data in files.items():
+                assert (agent.mnt / "ds" / rel).read_bytes() == data
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")  # dentries and inodes: the kernel forgets what nothing holds
+        # The root, two trees, the open file with its two directories (a
+        # dentry holds its parent) and the open directory. Without freeing:
+        # 1 + 7 trees = 239.
+        _wait(lambda: os.statvfs(agent.mnt).f_files <= 1 + 2 * per_tree + 4, timeout=10,
+              what=f"old trees freed (f_files {os.statvfs(agent.mnt).f_files})")
+        assert early.read() == first["d0/f0.bin"]
+        fd = os.open("f1.bin", os.O_RDONLY, dir_fd=cwd)
+        try:
+            assert os.read(fd, 1 << 20) == first["d1/f1.bin"] != files["d1/f1.bin"]
+        finally:
+            os.close(fd)
+            os.close(cwd)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    _wait(lambda: os.statvfs(agent.mnt).f_files == 1 + 2 * per_tree, timeout=10,
+          what=f"the closed file's tree freed (f_files {os.statvfs(agent.mnt).f_files})")
+    assert (agent.mnt / f"ds@{agent.dataset('ds')['revision']}" / "d1" / "f1.bin").read_bytes() == files["d1/f1.bin"]

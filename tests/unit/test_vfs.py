@@ -153,6 +153,7 @@ def test_same_revision_with_different_content_is_rebuilt(vfs):
 def test_remove_dataset(vfs):
     vfs.set_dataset("ds", snap(entry("f"), revision="r1"))
     f = walk(vfs, "ds/f")
+    vfs.ref(f)  # the kernel looked it up (an open file keeps that reference)
     removed = vfs.remove_dataset("ds")
     assert removed is not None
     with pytest.raises(FileNotFoundError):
@@ -211,3 +212,81 @@ def test_root_mtime_changes_on_switch(vfs):
     vfs.root.mtime = before - 1000
     vfs.set_dataset("ds", snap(entry("f")))
     assert vfs.root.mtime > before - 1000
+
+
+def test_old_trees_are_freed_once_unreachable_and_forgotten(vfs):
+    # Snapshot switches used to keep every tree for the life of the agent:
+    # 50 switches of a 100-file dataset left 5,051 nodes.
+    files = [entry(f"d{i % 10}/f{i}", fo=f"fo{i}") for i in range(100)]
+    per_tree = 1 + 10 + 100  # the dataset's directory, 10 directories, 100 files
+    for n in range(50):
+        vfs.set_dataset("ds", snap(*files, revision=f"r{n}"))
+    assert vfs.node_count == 1 + 2 * per_tree  # the root, the current tree and the previous one
+    assert walk(vfs, "ds@r49/d0/f0") is walk(vfs, "ds/d0/f0")
+    assert walk(vfs, "ds@r48/d0/f0") is not walk(vfs, "ds/d0/f0")
+    with pytest.raises(FileNotFoundError):
+        vfs.lookup(ROOT_INODE, "ds@r47")
+
+
+def test_a_detached_node_the_kernel_holds_lives_until_forgotten(vfs):
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="one"), revision="r1"))
+    f1 = walk(vfs, "ds/sub/f")
+    d1 = walk(vfs, "ds/sub")
+    vfs.ref(f1)
+    vfs.ref(f1)  # two lookups
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="two"), revision="r2"))
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="three"), revision="r3"))  # r1 is no longer reachable
+    with pytest.raises(FileNotFoundError):
+        vfs.lookup(ROOT_INODE, "ds@r1")
+    with pytest.raises(FileNotFoundError):
+        vfs.node(d1.inode)  # nobody held it: gone at once
+    assert vfs.node(f1.inode) is f1  # the kernel still holds it (an open file, a cwd)
+    vfs.forget(f1.inode, 1)
+    assert vfs.node(f1.inode) is f1
+    vfs.forget(f1.inode, 1)
+    with pytest.raises(FileNotFoundError):
+        vfs.node(f1.inode)
+    vfs.forget(f1.inode, 1)  # a late or repeated forget is harmless
+
+
+def test_forgetting_a_reachable_node_keeps_it(vfs):
+    vfs.set_dataset("ds", snap(entry("f"), revision="r1"))
+    f = walk(vfs, "ds/f")
+    vfs.ref(f)
+    vfs.forget(f.inode, 1)
+    assert vfs.node(f.inode) is f
+    assert walk(vfs, "ds/f") is f
+
+
+def test_a_moving_revision_frees_the_tree_it_named_before(vfs):
+    vfs.set_dataset("ds", snap(entry("f", fo="one"), revision="main"))
+    old = walk(vfs, "ds/f")
+    vfs.set_dataset("ds", snap(entry("f", fo="two"), revision="main"))
+    with pytest.raises(FileNotFoundError):
+        vfs.node(old.inode)
+    assert vfs.node_count == 1 + 2
+
+
+def test_switching_back_to_the_previous_revision_reuses_its_tree(vfs):
+    vfs.set_dataset("ds", snap(entry("f", fo="one"), revision="r1"))
+    f1 = walk(vfs, "ds/f")
+    vfs.set_dataset("ds", snap(entry("f", fo="two"), revision="r2"))
+    vfs.set_dataset("ds", snap(entry("f", fo="one"), revision="r1"))  # a rollback
+    assert walk(vfs, "ds/f") is f1
+    assert walk(vfs, "ds@r2/f").entry.file_object == "two"
+
+
+def test_a_node_found_again_through_a_held_directory_lives_until_forgotten(vfs):
+    # A shell whose working directory is in an old tree runs `cat f`: the
+    # kernel looks f up in the directory it holds, then asks for f's inode.
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="one"), revision="r1"))
+    sub = walk(vfs, "ds/sub")
+    vfs.ref(sub)
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="two"), revision="r2"))
+    vfs.set_dataset("ds", snap(entry("sub/f", fo="three"), revision="r3"))
+    f = vfs.lookup(sub.inode, "f")
+    vfs.ref(f)
+    assert vfs.node(f.inode) is f and f.entry.file_object == "one"
+    vfs.forget(f.inode, 1)
+    with pytest.raises(FileNotFoundError):
+        vfs.node(f.inode)
