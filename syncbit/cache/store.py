@@ -120,9 +120,9 @@ class BlockStore:
         if os.path.exists(final):
             return block_id, checksum  # same id, same bytes: dedup
         d = os.path.dirname(final)
-        os.makedirs(d, exist_ok=True)
         tmp = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
-        with cache_full_on_enospc(f"no space left in the cache directory {self.root}"):
+        with self._full():
+            os.makedirs(d, exist_ok=True)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
@@ -146,11 +146,12 @@ class BlockStore:
         d = f"{self.root}/{SPOOL_DIR}"
         path = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            return SpooledBlock(path, os.open(path, flags, 0o644))
-        except FileNotFoundError:  # the first block of this cache
-            os.makedirs(d, exist_ok=True)
-            return SpooledBlock(path, os.open(path, flags, 0o644))
+        with self._full():
+            try:
+                return SpooledBlock(path, os.open(path, flags, 0o644))
+            except FileNotFoundError:  # the first block of this cache
+                os.makedirs(d, exist_ok=True)
+                return SpooledBlock(path, os.open(path, flags, 0o644))
 
     def adopt(self, spooled: SpooledBlock, expected: str | None,
               before_write: Callable[[str], None] | None = None) -> tuple[str, str]:
@@ -168,9 +169,14 @@ class BlockStore:
         _accept(block_id, expected, before_write)
         final = self.path(block_id)
         if not os.path.exists(final):  # else: same id, same bytes (dedup); the temp file goes
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(spooled.path, final)
+            with self._full():
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(spooled.path, final)
         return block_id, checksum
+
+    def _full(self):
+        """Creating a directory, a file or a name on a full disk (or out of inodes) is CacheFull."""
+        return cache_full_on_enospc(f"no space left in the cache directory {self.root}")
 
     def sync(self) -> None:
         """Make every block written so far durable (one syncfs for the cache filesystem)."""

@@ -97,9 +97,10 @@ class _FailingOs:
         return getattr(os, name)
 
 
-@pytest.mark.parametrize("call", ["write", "replace"])
+@pytest.mark.parametrize("call", ["write", "replace", "makedirs"])
 def test_disk_full_raises_cache_full_and_cleans_up(store, monkeypatch, call):
-    # The disk fills up while the block is written or renamed.
+    # The disk fills up (or runs out of inodes) while the block's directory
+    # is made, or the block is written or renamed.
     monkeypatch.setattr(store_mod, "os", _FailingOs(call, errno.ENOSPC))
     with pytest.raises(CacheFull):
         store.write(b"z" * 100, None)
@@ -155,3 +156,25 @@ def test_remove_and_open(store):
 def test_sync_runs(store):
     store.write(b"durable", None)
     store.sync()
+
+
+@pytest.mark.parametrize("call", ["open", "makedirs"])
+def test_disk_full_while_spooling_raises_cache_full(store, monkeypatch, call):
+    # The first spooled block of a cache makes blocks/spool/; a full disk or
+    # inode table there is the cache's error, not an OSError from the source.
+    monkeypatch.setattr(store_mod, "os", _FailingOs(call, errno.ENOSPC))
+    with pytest.raises(CacheFull):
+        store.spool()
+
+
+@pytest.mark.parametrize("call", ["replace", "makedirs"])
+def test_disk_full_while_adopting_raises_cache_full(store, monkeypatch, call):
+    spooled = store.spool()
+    os.write(spooled.fd, b"q" * 100)
+    spooled.size = 100
+    monkeypatch.setattr(store_mod, "os", _FailingOs(call, errno.ENOSPC))
+    with pytest.raises(CacheFull):
+        store.adopt(spooled, None)
+    monkeypatch.undo()
+    spooled.discard()
+    assert all_files(store) == []
