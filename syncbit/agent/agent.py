@@ -243,7 +243,7 @@ class Agent:
                 except SyncbitError as e:
                     ds.set_state(FAILED, str(e))
                     continue
-                self.vfs.set_dataset(ds.name, ds.snapshot)
+                self._show(ds.name, ds.snapshot)
             ds.set_state(row["state"], row["error"])
             if ds.pinned and ds.snapshot is not None and ds.state != FAILED:
                 self.start_prefetch(ds)
@@ -275,8 +275,7 @@ class Agent:
             self.cache.index.add_snapshot(snap)
             ds.snapshot = snap
             ds.set_state(PENDING)
-            if self.vfs.set_dataset(name, snap) is not None:
-                self._invalidate(name)
+            self._show(name, snap)
             log.info("dataset %s: snapshot %s of %s (%d files, %d bytes)", name, snap.revision, uri,
                      len(snap.files), snap.total_size)
         ds.pinned = ds.pinned or pin
@@ -286,11 +285,14 @@ class Agent:
             self.start_prefetch(ds)  # not when one is already running for this snapshot
         return ds
 
-    def _invalidate(self, name: str) -> None:
+    def _show(self, name: str, snap: Snapshot) -> None:
+        """Make ``snap`` the dataset's current snapshot in the mount; the kernel forgets the names that changed."""
+        changed = [name] if self.vfs.set_dataset(name, snap) is not None else []
+        changed += self.vfs.take_unnamed()  # NAME@REVISION of trees no longer shown
         if self._mounted:
-            # Tell the kernel the dataset's directory entry changed (queued to
-            # pyfuse3's own thread: no deadlock with requests in progress).
-            pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+            for n in changed:
+                # Queued to pyfuse3's own thread: no deadlock with requests in progress.
+                pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(n), ignore_enoent=True)
 
     def _save(self, ds: DatasetState) -> None:
         try:
@@ -607,8 +609,7 @@ class Agent:
         """Show ``snap`` as the dataset; open files keep reading the snapshot they opened."""
         old = ds.snapshot
         ds.snapshot, ds.staged = snap, None
-        if self.vfs.set_dataset(ds.name, snap) is not None:
-            self._invalidate(ds.name)
+        self._show(ds.name, snap)
         self._save(ds)
         self.cache.index.gc_snapshots()  # the old snapshot is no longer pinned
         log.info("dataset %s: snapshot %s is current%s", ds.name, snap.revision,

@@ -57,6 +57,7 @@ class Vfs:
         self._current: dict[str, Node] = {}  # dataset -> root node of its current snapshot
         self._by_revision: dict[tuple[str, str], Node] = {}  # current and previous trees, oldest first
         self._kernel_refs: dict[int, int] = {}  # inode -> lookups the kernel has not forgotten
+        self._unnamed: list[str] = []  # NAME@REVISION names that no longer lead where they did
 
     def _new(self, name: str, is_dir: bool, **kw) -> Node:
         node = Node(self._next_inode, name, is_dir, **kw)
@@ -65,6 +66,15 @@ class Vfs:
         return node
 
     def _build(self, dataset: str, snap: Snapshot) -> Node:
+        first = self._next_inode
+        try:
+            return self._build_tree(dataset, snap)
+        except ValueError:
+            for inode in range(first, self._next_inode):  # a listing that cannot be shown leaves nothing
+                self._nodes.pop(inode, None)
+            raise
+
+    def _build_tree(self, dataset: str, snap: Snapshot) -> Node:
         top = self._new(dataset, True, dataset=dataset, snapshot=snap, mtime=snap.created)
         for entry in snap.files:
             *dirs, leaf = entry.path.split("/")
@@ -95,6 +105,7 @@ class Vfs:
             built = self._build(name, snap)
             if top is not None:  # a moving revision (a branch) now names other bytes
                 self._detach(top)
+                self._unnamed.append(f"{name}@{snap.revision}")
             top = built
         self._by_revision.pop(key, None)
         self._by_revision[key] = top  # the newest last
@@ -105,6 +116,7 @@ class Vfs:
         mine = [k for k in self._by_revision if k[0] == name]
         for k in mine[:-1 - PREVIOUS_REVISIONS]:
             self._detach(self._by_revision.pop(k))
+            self._unnamed.append(f"{k[0]}@{k[1]}")
         return old if old is not top else None
 
     def remove_dataset(self, name: str) -> Node | None:
@@ -112,8 +124,18 @@ class Vfs:
         self.root.children.pop(name, None)
         for key in [k for k in self._by_revision if k[0] == name]:
             self._detach(self._by_revision.pop(key))
+            self._unnamed.append(f"{key[0]}@{key[1]}")
         self.root.mtime = time.time()
         return old
+
+    def take_unnamed(self) -> list[str]:
+        """The root names (NAME@REVISION) that changes since the last call took away or re-pointed.
+
+        The kernel caches names for a day: they must be invalidated, or it
+        would keep resolving them to the trees they named (and hold those).
+        """
+        names, self._unnamed = self._unnamed, []
+        return names
 
     def _detach(self, top: Node) -> None:
         stack = [top]

@@ -290,3 +290,23 @@ def test_a_node_found_again_through_a_held_directory_lives_until_forgotten(vfs):
     vfs.forget(f.inode, 1)
     with pytest.raises(FileNotFoundError):
         vfs.node(f.inode)
+
+
+def test_names_that_no_longer_lead_where_they_did_are_reported_once(vfs):
+    # The kernel caches root names for a day; the agent invalidates these.
+    for n in range(4):
+        vfs.set_dataset("ds", snap(entry("f", fo=f"fo{n}"), revision=f"r{n}"))
+    assert vfs.take_unnamed() == ["ds@r0", "ds@r1"]  # r3 current, r2 the previous one
+    assert vfs.take_unnamed() == []
+    vfs.set_dataset("ds", snap(entry("f", fo="moved"), revision="r3"))  # a moving revision re-pointed
+    assert vfs.take_unnamed() == ["ds@r3"]
+    vfs.remove_dataset("ds")
+    assert sorted(vfs.take_unnamed()) == ["ds@r2", "ds@r3"]
+
+
+def test_a_listing_that_cannot_be_shown_leaves_no_nodes(vfs):
+    vfs.set_dataset("ds", snap(entry("f"), revision="good"))
+    before = vfs.node_count
+    with pytest.raises(ValueError):
+        vfs.set_dataset("ds", snap(*[entry(f"d/x{i}") for i in range(50)], entry("d"), revision="bad"))
+    assert vfs.node_count == before
