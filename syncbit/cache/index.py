@@ -202,10 +202,14 @@ class Index:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def blocks_used_elsewhere(self, snapshot_id: str) -> set[str]:
+    def pinned_blocks(self) -> set[str]:
+        """Blocks of the current and staged snapshots of every pinned dataset.
+
+        By dataset, not by snapshot: two pinned datasets may show the same
+        snapshot (one URI pulled under two names).
+        """
         rows = self.db.execute(
             """SELECT fb.block FROM fo_blocks fb JOIN snapshot_fos sf ON sf.fo = fb.fo
-               JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged) WHERE sf.snapshot != ? AND d.pinned = 1""",
-            (snapshot_id,),
+               JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged) WHERE d.pinned = 1""",
         ).fetchall()
         return {r[0] for r in rows}

@@ -220,3 +220,22 @@ def test_evict_then_prefetch_and_revision_path(tmp_path, origin_factory, agent_f
     # The pinned snapshot is also reachable by its revision.
     assert (agent.mnt / f"ev@{st['revision']}" / rel).read_bytes() == files[rel]
     assert not (agent.mnt / "ev@nonsense").exists()
+
+
+def test_evicting_one_of_two_names_for_one_uri_keeps_the_other(tmp_path, origin_factory, agent_factory):
+    # One URI pulled under two names: both datasets show the same snapshot.
+    # `evict a` must not drop blocks that pinned `b` uses (it used to exclude
+    # b's use because the query skipped every use of a's snapshot).
+    files = make_dataset(tmp_path / "src", seed=11)
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS)
+    agent.cli("pull", origin.url, "--name", "a")
+    agent.cli("pull", origin.url, "--name", "b")
+    assert agent.dataset("a")["revision"] == agent.dataset("b")["revision"]
+    agent.cli("evict", "a")
+    b = agent.dataset("b")
+    assert b["pinned"] and b["bytes_cached"] == b["bytes_total"] > 0
+    sent = origin.bytes_sent
+    for rel, data in files.items():
+        assert (agent.mnt / "b" / rel).read_bytes() == data
+    assert origin.bytes_sent == sent, "b's blocks were evicted and fetched again"
