@@ -301,7 +301,11 @@ class BlockCache:
 
         try:
             bid, checksum = await trio.to_thread.run_sync(store, data, expected, known, limiter=self._io)
-            if bid not in self._present:
+            if bid in self._present:
+                # Dedup; or the file was damaged and the store replaced it:
+                # the next read opens the file now under that name.
+                self._close_fd(bid)
+            else:
                 self._uncommitted = True
                 try:
                     self.index.add_block(bid, len(data), checksum, time.time())

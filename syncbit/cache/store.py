@@ -13,6 +13,7 @@ docs/architecture.md for why this departs from fsync-per-block).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -24,6 +25,8 @@ import xxhash
 
 from ..errors import BlockCorrupt, cache_full_on_enospc
 from ..model import content_id
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 SPOOL_DIR = "spool"  # under blocks/: temp files of spooled blocks (cleaned by scan like the others)
@@ -117,7 +120,7 @@ class BlockStore:
         _accept(block_id, expected, before_write)
         final = self.path(block_id)
         checksum = at_rest_checksum(data)
-        if os.path.exists(final):
+        if self._intact_copy(block_id, checksum):
             return block_id, checksum  # same id, same bytes: dedup
         d = os.path.dirname(final)
         tmp = f"{d}/{TMP_PREFIX}{uuid.uuid4().hex}"
@@ -168,11 +171,26 @@ class BlockStore:
                 block_id, checksum = content_id(b""), at_rest_checksum(b"")
         _accept(block_id, expected, before_write)
         final = self.path(block_id)
-        if not os.path.exists(final):  # else: same id, same bytes (dedup); the temp file goes
+        if not self._intact_copy(block_id, checksum):  # else: same id, same bytes (dedup); the temp file goes
             with self._full():
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 os.replace(spooled.path, final)
         return block_id, checksum
+
+    def _intact_copy(self, block_id: str, checksum: str) -> bool:
+        """Is there a block file for ``block_id`` with the bytes just verified (dedup)?
+
+        A file damaged at rest is not kept because a fresh, verified copy has
+        the same name: the fresh bytes replace it (checked with the xxh3 of
+        the fresh bytes, a read of the old file: dedup is the rare case).
+        """
+        if not os.path.exists(self.path(block_id)):
+            return False
+        if self.verify(block_id, checksum):
+            return True
+        log.error("block file %s does not hold the bytes of its name (damaged on disk): "
+                  "replaced by a fresh verified copy", block_id)
+        return False
 
     def _full(self):
         """Creating a directory, a file or a name on a full disk (or out of inodes) is CacheFull."""

@@ -476,3 +476,27 @@ async def test_a_lost_block_is_forgotten_and_its_bytes_uncounted(tmp_path):
         cache.block_fd(bid)
     assert cache.present_block("fo-A", 0) is None and cache.bytes == 0
     assert bid not in cache.index.block_sizes()
+
+
+def _flip_a_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["bytes", "spooled"])
+async def test_fresh_verified_bytes_replace_a_block_file_damaged_at_rest(caches, caplog, spooled):
+    # A block file damaged on disk (a flipped byte) must not be kept by dedup
+    # when the same block arrives again, verified, for another file object;
+    # the descriptor the reader LRU holds for the old file goes too.
+    c = caches()
+    bid = await c.put("fo-a", 0, block(2), None)
+    c.block_fd(bid)
+    _flip_a_byte(c.store.path(bid))
+    again = await _spooled(c, block(2)) if spooled else block(2)
+    assert await c.put("fo-b", 0, again, None) == bid
+    assert os.pread(c.block_fd(bid), BLOCK, 0) == block(2)
+    assert Path(c.store.path(bid)).read_bytes() == block(2)
+    assert block_files(c) == {bid} and temp_files(c) == [] and c.bytes == BLOCK
+    assert "damaged on disk" in caplog.text
