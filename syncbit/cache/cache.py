@@ -7,6 +7,7 @@ and without an ``await``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import resource
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import CacheFull
+from ..errors import AgentAlreadyRunning, CacheFull
 from .eviction import select_victims
 from .index import Index
 from .store import BlockStore, SpooledBlock
@@ -64,6 +65,7 @@ class BlockCache:
     ) -> None:
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_cache_dir(self.dir)
         self.store = BlockStore(self.dir)
         self.index = Index(self.dir / "index.sqlite")
         self._quota_setting = quota
@@ -147,6 +149,8 @@ class BlockCache:
         except (OSError, sqlite3.Error) as e:
             # No clean mark: the next start verifies what this run wrote.
             log.error("cannot close the cache in %s cleanly: %s", self.dir, e)
+        finally:
+            os.close(self._lock)  # releases the directory for the next agent
 
     async def commit(self) -> None:
         """Group commit: make the blocks written so far durable and record up to when."""
@@ -428,3 +432,19 @@ class BlockCache:
             n = self.evict(target)
             if n:
                 log.info("evicted %d blocks; cache now %d bytes (quota %d)", n, self.bytes, q)
+
+
+def _lock_cache_dir(path: Path) -> int:
+    """Hold ``path/lock`` (flock) for the life of the cache: one agent per cache directory.
+
+    A second agent would delete the first one's temp files in its start-up
+    scan and evict under it. The kernel drops the lock when the process
+    dies, so a crashed agent never leaves it behind.
+    """
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AgentAlreadyRunning(f"an agent is already running on the cache directory {path}") from None
+    return fd

@@ -191,6 +191,29 @@ def test_second_agent_on_same_socket_is_refused(tmp_path, agent_factory):
     assert os.path.ismount(agent.mnt)
 
 
+def test_second_agent_on_same_cache_dir_is_refused(tmp_path, origin_factory, agent_factory):
+    # Another socket and mountpoint, the same cache directory: the second
+    # agent's start-up scan would delete the first one's temp files (its
+    # pull then failed with ENOENT on a spool file) and evict under it.
+    files = make_dataset(tmp_path / "src", seed=4)
+    origin = origin_factory(tmp_path / "src")
+    first = agent_factory("first", block_size=BS)
+    second = agent_factory("second", start=False, block_size=BS, cache_dir=str(first.cache))
+    second.start(wait=False)
+    assert second.proc.wait(timeout=60) == 11
+    assert f"an agent is already running on the cache directory {first.cache}" in second.log()
+    assert not os.path.ismount(second.mnt)
+    first.cli("pull", origin.url, "--name", "mine")
+    for rel, data in files.items():
+        assert (first.mnt / "mine" / rel).read_bytes() == data
+    # The lock goes with its process, also a killed one.
+    first.kill9()
+    second.start()
+    second.cli("pull", origin.url, "--name", "mine")
+    for rel, data in files.items():
+        assert (second.mnt / "mine" / rel).read_bytes() == data
+
+
 def test_cli_without_agent_says_so(tmp_path):
     env = {**os.environ, "SYNCBIT_SOCKET": str(tmp_path / "none.sock")}
     r = subprocess.run([sys.executable, "-m", "syncbit", "status"], env=env, capture_output=True, text=True)

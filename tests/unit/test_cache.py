@@ -52,8 +52,9 @@ def caches(tmp_path):
 
 
 def crash(cache: BlockCache) -> None:
-    """Stop like a killed process: no flush, no commit, no clean-shutdown mark."""
+    """Stop like a killed process: no flush, no commit, no clean-shutdown mark (the kernel drops the lock)."""
     cache.index.close()
+    os.close(cache._lock)
 
 
 def reopen(cache: BlockCache, caches) -> BlockCache:
