@@ -719,7 +719,7 @@ class Agent:
         if ds.snapshot is None:
             return 0
         mine = self.cache.index.blocks_of_snapshot(ds.snapshot.id)
-        keep = self.cache.index.pinned_blocks()  # this dataset is unpinned (saved above)
+        keep = self.cache.index.pinned_blocks(but=name)
         victims = [b for b in mine - keep if self.cache.has_block(b)]
         before = self.cache.bytes
         self.cache.drop_blocks(victims)

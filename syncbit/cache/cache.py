@@ -116,8 +116,7 @@ class BlockCache:
                 # Renamed into place but the index row was lost in a crash:
                 # the name is its content hash, so re-hash before adopting it.
                 checksum = self.store.checksum_if_intact(bid)
-                if checksum is not None:
-                    self.index.add_block(bid, size, checksum, mtime)
+                if checksum is not None and self._adopt_row(bid, size, checksum, mtime):
                     adopted += 1
                 else:
                     self.store.remove(bid)
@@ -136,6 +135,14 @@ class BlockCache:
             log.info("adopted %d block files missing from the index", adopted)
         log.info("cache %s: %d blocks, %d bytes (%s start)", self.dir, len(self._present), self.bytes,
                  "clean" if clean else "unclean")
+
+    def _adopt_row(self, bid: str, size: int, checksum: str, mtime: float) -> bool:
+        try:
+            self.index.add_block(bid, size, checksum, mtime)
+            return True
+        except sqlite3.OperationalError as e:  # "database or disk is full": the file goes, which frees space
+            log.warning("cannot adopt block file %s into the index (%s): removing it", bid, e)
+            return False
 
     def close(self) -> None:
         for bid in list(self._fds):

@@ -61,6 +61,11 @@ class Index:
         # only from the trio thread: never from two threads at once.
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
+        # One process uses the index (the cache directory is locked to one
+        # agent), so WAL needs no shared-memory -shm file: without it an
+        # agent whose cache filesystem is full still starts ("disk I/O error"
+        # creating the -shm file, before), and can then evict.
+        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
@@ -202,14 +207,17 @@ class Index:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def pinned_blocks(self) -> set[str]:
-        """Blocks of the current and staged snapshots of every pinned dataset.
+    def pinned_blocks(self, but: str) -> set[str]:
+        """Blocks of the current and staged snapshots of every pinned dataset other than ``but``.
 
         By dataset, not by snapshot: two pinned datasets may show the same
-        snapshot (one URI pulled under two names).
+        snapshot (one URI pulled under two names). ``but`` is left out by
+        name, so that evicting it works even when its unpinned row could not
+        be saved (a full cache disk, which evicting is meant to relieve).
         """
         rows = self.db.execute(
             """SELECT fb.block FROM fo_blocks fb JOIN snapshot_fos sf ON sf.fo = fb.fo
-               JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged) WHERE d.pinned = 1""",
+               JOIN datasets d ON sf.snapshot IN (d.snapshot, d.staged) WHERE d.pinned = 1 AND d.name != ?""",
+            (but,),
         ).fetchall()
         return {r[0] for r in rows}

@@ -255,3 +255,33 @@ def test_snapshot_switches_do_not_keep_old_trees(tmp_path, agent_factory):
         f.write("2\n")
     _wait(lambda: os.statvfs(agent.mnt).f_files == 1 + 2 * per_tree, timeout=10,
           what=f"the closed file's tree freed (f_files {os.statvfs(agent.mnt).f_files})")
+
+
+def test_the_agent_starts_on_a_full_cache_filesystem(tmp_path, tmpfs_factory, origin_factory, agent_factory):
+    # Stopped cleanly, then something else filled the cache's filesystem to
+    # the last byte: the agent must still start (SQLite must not need a new
+    # -shm file), serve what it has, and let `evict` give space back.
+    small_fs = tmpfs_factory("small", "4m")
+    data = _data(9, 16 * BS)
+    write_tree(tmp_path / "src", {"model.bin": data})
+    origin = origin_factory(tmp_path / "src")
+    agent = agent_factory(block_size=BS, cache_dir=str(small_fs / "cache"), min_free_disk="0",
+                          cache_quota="64MiB")
+    agent.cli("pull", origin.url, "--name", "ds")
+    assert agent.stop() == 0
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.statvfs(small_fs).f_bavail == 0
+    agent.start()
+    assert agent.dataset("ds")["bytes_cached"] == len(data)
+    sent = origin.bytes_sent
+    assert (agent.mnt / "ds" / "model.bin").read_bytes() == data
+    assert origin.bytes_sent == sent
+    out = agent.cli("evict", "ds").stdout
+    assert os.statvfs(small_fs).f_bavail > 0, (out, agent.log()[-3000:])

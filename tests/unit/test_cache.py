@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import trio
 
 from syncbit.cache import BlockCache
+from syncbit.cache.index import Index
 from syncbit.cache.store import BlockStore
 from syncbit.errors import BlockCorrupt, CacheFull
 from syncbit.model import FileEntry, Snapshot, content_id
@@ -275,6 +277,21 @@ async def test_block_file_without_index_row_is_adopted(caches):
     c2 = reopen(c, caches)
     assert c2.has_block(bid) and c2.bytes == len(data)
     assert c2.index.block_sizes() == {bid: len(data)}
+
+
+async def test_block_file_that_cannot_be_indexed_on_a_full_disk_is_removed(caches, monkeypatch):
+    # A crash left a block file without its row, and the disk is full: the
+    # start must not fail on "database or disk is full"; the file goes.
+    c = caches()
+    bid, _ = c.store.write(block(43), None)
+    crash(c)
+
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Index, "add_block", full)
+    c2 = reopen(c, caches)
+    assert not c2.has_block(bid) and not os.path.exists(c2.store.path(bid)) and c2.bytes == 0
 
 
 async def test_block_file_whose_name_does_not_match_its_bytes_is_not_adopted(caches):

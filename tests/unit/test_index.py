@@ -79,12 +79,12 @@ def test_eviction_candidates_exclude_blocks_of_pinned_current_snapshots(index):
     index.put_dataset("pinned", s_old.uri, s_old.id, True, "ready", None, 0.0)
     assert {s.id for s in index.eviction_candidates()} == {"p", "u", "free"}
     assert index.blocks_of_snapshot(s_pinned.id) == {"p"}
-    assert index.pinned_blocks() == {"old"}
+    assert index.pinned_blocks(but="casual") == {"old"}
+    assert index.pinned_blocks(but="pinned") == set()
     # Two pinned datasets on one snapshot (one URI pulled under two names):
-    # unpinning one leaves the other's blocks pinned.
+    # leaving one out leaves the other's blocks pinned.
     index.put_dataset("twin", s_old.uri, s_old.id, True, "ready", None, 0.0)
-    index.put_dataset("pinned", s_old.uri, s_old.id, False, "ready", None, 0.0)
-    assert index.pinned_blocks() == {"old"}
+    assert index.pinned_blocks(but="pinned") == {"old"}
 
 
 def test_gc_snapshots_forgets_unreferenced_snapshots_but_not_block_ids(index):
