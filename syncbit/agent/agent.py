@@ -253,6 +253,8 @@ class Agent:
             await self.add_dataset(spec.name, spec.uri, pin=spec.pin, options=spec.options)
         except SyncbitError as e:
             log.error("dataset %s from the config: %s", spec.name, e)
+        except Exception:  # a bug; it must not take the other datasets and the mount down with it
+            log.exception("dataset %s from the config: unexpected error", spec.name)
 
     async def add_dataset(self, name: str | None, uri: str, *, pin: bool = True,
                           options: Mapping[str, str] | None = None) -> DatasetState:
