@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import sqlite3
+import stat
 import time
 from collections.abc import Mapping
 
@@ -120,6 +121,9 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                # First: a SIGTERM that comes while the mount is being set up
+                # must unmount it too (the default action would leave it stale).
+                await nursery.start(self._signals)
                 await nursery.start(self.cache.run)
                 await nursery.start(self.fetcher.run)
                 nursery.start_soon(preload_sources)
@@ -146,7 +150,6 @@ class Agent:
                                         self.config.registry_mirror_pull_through)
                     log.info("registry mirror on http://%s%s", self.config.registry_mirror_listen,
                              " (pull-through)" if self.config.registry_mirror_pull_through else "")
-                nursery.start_soon(self._signals)
                 log.info("agent %s serving %s (socket %s)", self.config.node_name, self.config.mountpoint,
                          self.config.socket)
                 task_status.started()
@@ -173,8 +176,9 @@ class Agent:
         await trio.sleep(delay)
         self.shutdown()
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 self.shutdown()
@@ -187,6 +191,8 @@ class Agent:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             return
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"socket: {path} exists and is not a socket; refusing to replace it")
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(path)

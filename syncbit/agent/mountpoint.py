@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 
 from ..errors import MountError
 
@@ -50,6 +51,23 @@ def is_stale(mountpoint: str) -> bool:
     return False
 
 
+def _fuse_state(mountpoint: str, timeout: float = 5.0) -> str:
+    """'dead' (its process is gone: ENOTCONN), 'alive' (something answers) or 'hung' (no answer in time).
+
+    The stat runs in a daemon thread: on a mount whose process is alive but
+    stuck it never returns, and must not hold up the start for ever.
+    """
+    result: list[str] = []
+
+    def probe() -> None:
+        result.append("dead" if is_stale(mountpoint) else "alive")
+
+    t = threading.Thread(target=probe, name="stale-mount-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else "hung"
+
+
 def cleanup_stale_mount(mountpoint: str) -> bool:
     """Unmount a FUSE mount left by a crashed agent. Returns True if it did."""
     entry = mount_entry(mountpoint)
@@ -61,6 +79,16 @@ def cleanup_stale_mount(mountpoint: str) -> bool:
             # DaemonSet's /datasets, Bidirectional) is inside the agent's container.
             return False
         raise MountError(f"{mountpoint} is already a {entry[1]} mount; refusing to mount over it")
+    if entry is not None:
+        # Only a mount whose process is gone is stale: a live one belongs to
+        # another agent (another socket and cache), which must keep serving.
+        state = _fuse_state(mountpoint)
+        if state == "alive":
+            raise MountError(f"{mountpoint} is a live FUSE mount of another process ({entry[1]}); "
+                             "refusing to mount over it")
+        if state == "hung":
+            raise MountError(f"{mountpoint} is a FUSE mount whose process does not answer; stop that process "
+                             f"or run 'fusermount3 -u -z {mountpoint}'")
     log.warning("cleaning up a stale mount at %s left by an earlier agent", mountpoint)
     for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
         if shutil.which(cmd[0]) is None:

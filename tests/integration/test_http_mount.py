@@ -6,8 +6,10 @@ import errno
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -212,6 +214,47 @@ def test_second_agent_on_same_cache_dir_is_refused(tmp_path, origin_factory, age
     second.cli("pull", origin.url, "--name", "mine")
     for rel, data in files.items():
         assert (second.mnt / "mine" / rel).read_bytes() == data
+
+
+def test_second_agent_on_a_live_mountpoint_is_refused(tmp_path, origin_factory, agent_factory):
+    # Another socket and cache, the same mountpoint: the second agent took the
+    # first one's live mount for a stale one and unmounted it.
+    files = make_dataset(tmp_path / "src", seed=5)
+    origin = origin_factory(tmp_path / "src")
+    first = agent_factory("first", block_size=BS)
+    first.cli("pull", origin.url, "--name", "mine")
+    second = agent_factory("second", start=False, mountpoint=str(first.mnt))
+    second.start(wait=False)
+    assert second.proc.wait(timeout=60) == 16
+    assert "is a live FUSE mount of another process" in second.log()
+    for rel, data in files.items():
+        assert (first.mnt / "mine" / rel).read_bytes() == data
+
+
+def test_sigterm_as_soon_as_the_mount_appears_unmounts_it(tmp_path, agent_factory):
+    # The signal receiver used to open only after the API and the rest were
+    # up: a SIGTERM in between killed the agent with the mount left stale.
+    for attempt in range(3):
+        agent = agent_factory(f"early{attempt}", start=False)
+        agent.start(wait=False)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(agent.mnt):
+            assert time.monotonic() < deadline and agent.proc.poll() is None, agent.log()
+            time.sleep(0.001)
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=30) == 0, agent.log()
+        assert not os.path.ismount(agent.mnt)
+        os.listdir(agent.mnt)  # not ENOTCONN
+
+
+def test_a_socket_path_that_is_not_a_socket_is_left_alone(tmp_path, agent_factory):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    agent = agent_factory(start=False, env={"SYNCBIT_SOCKET": str(notes)})
+    agent.start(wait=False)
+    assert agent.proc.wait(timeout=60) == 2
+    assert "exists and is not a socket" in agent.log()
+    assert notes.read_text() == "keep me"
 
 
 def test_cli_without_agent_says_so(tmp_path):
