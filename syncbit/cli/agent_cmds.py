@@ -74,7 +74,10 @@ def _detach(cfg: AgentConfig, argv: list[str]) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 tail = open(log_path, errors="replace").read()[-2000:]
-                raise MountError(f"the agent exited with status {proc.returncode}; its log {log_path} ends:\n{tail}")
+                err = MountError(f"the agent exited with status {proc.returncode}; its log {log_path} ends:\n{tail}")
+                if 0 < proc.returncode < 128:
+                    err.exit_code = proc.returncode  # its own reason (11: already running, 2: config...)
+                raise err
             try:
                 if client.status().get("pid") == proc.pid:  # ours, not another agent on that socket
                     click.echo(f"agent {proc.pid} is serving {cfg.mountpoint} (log: {log_path})")

@@ -155,6 +155,17 @@ def test_daemon_detaches_and_unmount_stops_it(tmp_path, origin_factory, agent_fa
     assert not agent.sock.exists()
 
 
+def test_a_detached_agent_that_cannot_start_exits_with_its_own_reason(tmp_path, agent_factory):
+    # A second agent on the same cache directory, detached: exit 11 as in
+    # the foreground (it used to be 16, "the agent exited with status 11").
+    first = agent_factory("first")
+    second = agent_factory("second", start=False, cache_dir=str(first.cache))
+    r = subprocess.run([sys.executable, "-m", "syncbit", "daemon", "--config", str(second.config_path)],
+                       env=second.env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 11, r.stderr
+    assert "already running on the cache directory" in r.stderr
+
+
 def test_sigterm_unmounts_and_restart_keeps_cache(tmp_path, origin_factory, agent_factory):
     files = make_dataset(tmp_path / "src")
     origin = origin_factory(tmp_path / "src")
