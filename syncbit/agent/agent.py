@@ -188,10 +188,12 @@ class Agent:
         import socket
 
         path = self.config.socket
-        if not os.path.exists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             return
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        if not stat.S_ISSOCK(mode):
             raise ConfigError(f"socket: {path} exists and is not a socket; refusing to replace it")
         s = socket.socket(socket.AF_UNIX)
         try:

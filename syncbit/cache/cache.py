@@ -157,7 +157,9 @@ class BlockCache:
             # No clean mark: the next start verifies what this run wrote.
             log.error("cannot close the cache in %s cleanly: %s", self.dir, e)
         finally:
-            os.close(self._lock)  # releases the directory for the next agent
+            if self._lock >= 0:
+                os.close(self._lock)  # releases the directory for the next agent
+                self._lock = -1
 
     async def commit(self) -> None:
         """Group commit: make the blocks written so far durable and record up to when."""
