@@ -44,8 +44,10 @@ def mount_entry(mountpoint: str) -> tuple[str, str, str] | None:
 
 
 def is_stale(mountpoint: str) -> bool:
+    # statfs always goes to the FUSE process; a stat may be answered from the
+    # kernel's attribute cache for a while after that process died.
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
