@@ -104,8 +104,7 @@ class Vfs:
         if top is None or top.snapshot.id != snap.id:
             built = self._build(name, snap)
             if top is not None:  # a moving revision (a branch) now names other bytes
-                self._detach(top)
-                self._unnamed.append(f"{name}@{snap.revision}")
+                self._unname(key)
             top = built
         self._by_revision.pop(key, None)
         self._by_revision[key] = top  # the newest last
@@ -115,16 +114,14 @@ class Vfs:
         self.root.mtime = time.time()
         mine = [k for k in self._by_revision if k[0] == name]
         for k in mine[:-1 - PREVIOUS_REVISIONS]:
-            self._detach(self._by_revision.pop(k))
-            self._unnamed.append(f"{k[0]}@{k[1]}")
+            self._unname(k)
         return old if old is not top else None
 
     def remove_dataset(self, name: str) -> Node | None:
         old = self._current.pop(name, None)
         self.root.children.pop(name, None)
         for key in [k for k in self._by_revision if k[0] == name]:
-            self._detach(self._by_revision.pop(key))
-            self._unnamed.append(f"{key[0]}@{key[1]}")
+            self._unname(key)
         self.root.mtime = time.time()
         return old
 
@@ -136,6 +133,11 @@ class Vfs:
         """
         names, self._unnamed = self._unnamed, []
         return names
+
+    def _unname(self, key: tuple[str, str]) -> None:
+        """NAME@REVISION no longer leads to its tree: detach the tree, and report the name."""
+        self._detach(self._by_revision.pop(key))
+        self._unnamed.append(f"{key[0]}@{key[1]}")
 
     def _detach(self, top: Node) -> None:
         stack = [top]

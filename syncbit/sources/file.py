@@ -183,8 +183,6 @@ def _walk(root: str):
             with os.scandir(top) as it:
                 entries = list(it)
         except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM):
-                raise AccessDenied(f"cannot list {top}: {e.strerror}") from None
             raise _source_error(f"cannot list {top}", e) from None
         dirs, names = [], []
         for e in entries:
